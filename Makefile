@@ -1,0 +1,38 @@
+# promfork: `make run` serves the gateway, `make test` runs the whole suite.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench clean system-deps
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/gunicorn -c gunicorn.conf.py
+
+# promtool and prometheus come from Debian's `prometheus` package; installed when
+# missing and we may (root with apt-get), otherwise the tests that need them say so.
+system-deps:
+	@if ! command -v promtool >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	fi
+
+test: $(STAMP) system-deps
+	$(VENV)/bin/ruff check metrics webapp tests bench gunicorn.conf.py
+	$(VENV)/bin/pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check metrics webapp tests bench gunicorn.conf.py
+	$(VENV)/bin/ruff format --check metrics webapp tests bench gunicorn.conf.py
+
+bench: $(STAMP)
+	$(PY) bench/scrape_cost.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

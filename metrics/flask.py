@@ -1,0 +1,212 @@
+"""Flask extension recording HTTP metrics and serving /metrics (``init_app`` style).
+
+Usage::
+
+    http_metrics = HttpMetrics()
+    def create_app():
+        app = Flask(__name__)
+        http_metrics.init_app(app)
+        return app
+
+Measurement happens in a WSGI middleware around ``app.wsgi_app`` so that a
+streamed response is timed and sized until its last byte, and the in-flight
+gauge drops when the body is closed (also when a client disconnects). Route
+labels are Flask rule templates, never raw paths; unmatched paths share the
+label value ``unmatched`` and unknown methods become ``other``, so hostile
+traffic cannot grow the number of series. /metrics itself is served outside the
+instrumented app and outside any auth the app applies to its own routes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+from flask import Flask, request
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+from metrics.config import Settings, load_settings
+from metrics.exposition import disabled_app, make_metrics_app
+from metrics.multiproc import ensure_multiprocess_mode
+
+UNMATCHED = "unmatched"
+ROUTE_KEY = "promfork.route"
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+SIZE_BUCKETS = (100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000)
+
+
+class HttpMetrics:
+    """HTTP request metrics for one Flask app, plus its /metrics endpoint."""
+
+    def __init__(self, app: Flask | None = None, *, metrics_path: str = "/metrics") -> None:
+        self.metrics_path = metrics_path
+        self.settings: Settings | None = None
+        self.registry: CollectorRegistry | None = None
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask, settings: Settings | None = None) -> None:
+        """Instrument `app` and mount the exposition at `metrics_path`.
+
+        Multiprocess mode (PROMETHEUS_MULTIPROC_DIR set, as under gunicorn.conf.py)
+        aggregates all workers; otherwise the app gets a private in-memory registry.
+        """
+        settings = settings or load_settings()
+        self.settings = settings
+        app.extensions["promfork"] = self
+        if not settings.enabled:
+            app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {self.metrics_path: disabled_app})
+            return
+        ensure_multiprocess_mode()
+        multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        # Metrics in multiprocess mode live in files, not in any registry.
+        self.registry = None if multiprocess else CollectorRegistry()
+        if multiprocess:
+            from metrics.collector import exposition_registry
+
+            exposed = exposition_registry(settings)
+        else:
+            exposed = self.registry
+        recorder = _Recorder(settings, self.registry)
+        app.before_request(_remember_route)
+        instrumented = _InstrumentedApp(app.wsgi_app, recorder)
+        app.wsgi_app = DispatcherMiddleware(
+            instrumented, {self.metrics_path: make_metrics_app(exposed, settings.auth_token)}
+        )
+
+
+def _remember_route() -> None:
+    rule = request.url_rule
+    if rule is not None:
+        request.environ[ROUTE_KEY] = rule.rule
+
+
+class _Recorder:
+    """The HTTP metric objects, with labelled children cached for the hot path."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None) -> None:
+        name = settings.metric_name
+        self.requests = Counter(
+            name("http_requests_total"),
+            "HTTP requests answered, by method, route template and status code.",
+            ["method", "route", "status"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            name("http_request_duration_seconds"),
+            "Time from request start until the last byte of the response body.",
+            ["method", "route"],
+            buckets=settings.latency_buckets,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            name("http_requests_in_flight"),
+            "Requests being served now, over all live workers.",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.request_size = Histogram(
+            name("http_request_size_bytes"),
+            "Request body size (Content-Length).",
+            ["method", "route"],
+            buckets=SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.response_size = Histogram(
+            name("http_response_size_bytes"),
+            "Response body bytes sent.",
+            ["method", "route"],
+            buckets=SIZE_BUCKETS,
+            registry=registry,
+        )
+        self._counters: dict[tuple[str, str, str], Counter] = {}
+        self._histograms: dict[tuple[str, str], tuple[Histogram, Histogram, Histogram]] = {}
+
+    def record(self, method: str, route: str, status: str, seconds: float, request_bytes: int, response_bytes: int):
+        """Record one finished request."""
+        key = (method, route, status)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = self.requests.labels(method, route, status)
+        counter.inc()
+        hkey = (method, route)
+        children = self._histograms.get(hkey)
+        if children is None:
+            children = self._histograms[hkey] = (
+                self.duration.labels(method, route),
+                self.request_size.labels(method, route),
+                self.response_size.labels(method, route),
+            )
+        children[0].observe(seconds)
+        children[1].observe(request_bytes)
+        children[2].observe(response_bytes)
+
+
+class _InstrumentedApp:
+    """WSGI middleware timing and counting every request until its body is closed."""
+
+    def __init__(self, app: Callable, recorder: _Recorder) -> None:
+        self.app = app
+        self.recorder = recorder
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        started = time.perf_counter()
+        recorder = self.recorder
+        recorder.in_flight.inc()
+        status_holder = ["500"]
+
+        def capture_status(status: str, headers: list, exc_info=None):
+            status_holder[0] = status[:3]
+            return start_response(status, headers, exc_info)
+
+        def finish(response_bytes: int) -> None:
+            method = environ.get("REQUEST_METHOD", "")
+            try:
+                request_bytes = int(environ.get("CONTENT_LENGTH") or 0)
+            except ValueError:
+                request_bytes = 0
+            recorder.record(
+                method if method in KNOWN_METHODS else "other",
+                environ.get(ROUTE_KEY, UNMATCHED),
+                status_holder[0],
+                time.perf_counter() - started,
+                request_bytes,
+                response_bytes,
+            )
+            recorder.in_flight.dec()
+
+        try:
+            body = self.app(environ, capture_status)
+        except BaseException:
+            status_holder[0] = "500"
+            finish(0)
+            raise
+        return _MeasuredBody(body, finish)
+
+
+class _MeasuredBody:
+    """A response body that counts its bytes and reports once when closed."""
+
+    __slots__ = ("_body", "_finish", "_sent")
+
+    def __init__(self, body: Iterable[bytes], finish: Callable[[int], None]) -> None:
+        self._body = body
+        self._finish: Callable[[int], None] | None = finish
+        self._sent = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._body:
+            self._sent += len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            finish, self._finish = self._finish, None
+            if finish is not None:
+                finish(self._sent)

@@ -1,0 +1,1 @@
+"""The LLM gateway: an OpenAI-compatible chat completions API with a built-in mock provider."""

@@ -1,0 +1,110 @@
+"""The Flask app factory: chat completions, models, health, and /metrics via the metrics extension."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from metrics.config import Settings
+from metrics.flask import HttpMetrics
+from webapp.gateway import Gateway
+from webapp.providers import make_provider
+from webapp.schema import ApiError, parse_chat_request
+from webapp.settings import GatewaySettings, load_gateway_settings
+from webapp.telemetry import LLMTelemetry
+
+log = logging.getLogger("webapp")
+
+http_metrics = HttpMetrics()
+api = Blueprint("api", __name__)
+
+
+def _gateway() -> Gateway:
+    return current_app.extensions["gateway"]
+
+
+@api.post("/v1/chat/completions")
+def chat_completions():
+    """OpenAI-compatible chat completions, JSON or Server-Sent Events."""
+    chat = parse_chat_request(request.get_data(cache=False))
+    gateway = _gateway()
+    gateway.check_model(chat)
+    if chat.stream:
+        return Response(
+            gateway.stream(chat),
+            mimetype="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    return jsonify(gateway.complete(chat))
+
+
+@api.get("/v1/models")
+def list_models():
+    """The models the configured provider serves."""
+    provider = _gateway().provider
+    data = [{"id": m, "object": "model", "owned_by": provider.name} for m in sorted(provider.models)]
+    return jsonify({"object": "list", "data": data})
+
+
+@api.get("/v1/models/<model>")
+def get_model(model: str):
+    """One model, or a 404 in OpenAI's shape."""
+    provider = _gateway().provider
+    if model not in provider.models:
+        raise ApiError(404, f"The model '{model[:100]}' does not exist", "model_not_found", "model")
+    return jsonify({"id": model, "object": "model", "owned_by": provider.name})
+
+
+@api.get("/healthz")
+def healthz():
+    """Liveness: the worker answers."""
+    return jsonify({"status": "ok"})
+
+
+@api.get("/readyz")
+def readyz():
+    """Readiness: the metrics directory (when metrics are on) still accepts writes."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory and not os.access(directory, os.W_OK):
+        return jsonify({"status": "unready", "reason": f"metrics directory {directory} is not writable"}), 503
+    return jsonify({"status": "ready", "provider": _gateway().provider.name})
+
+
+def _api_error(exc: ApiError):
+    return jsonify(exc.body()), exc.status
+
+
+def _http_error(exc: HTTPException):
+    code = (exc.name or "error").lower().replace(" ", "_")
+    error = ApiError(exc.code or 500, exc.description or exc.name, code)
+    response = jsonify(error.body())
+    response.status_code = error.status
+    for name, value in exc.get_headers():
+        if name.lower() not in ("content-type", "content-length"):
+            response.headers[name] = value
+    return response
+
+
+def _unexpected_error(exc: Exception):
+    log.exception("unhandled error")
+    return jsonify(ApiError(500, "internal error", "internal_error").body()), 500
+
+
+def create_app(gateway_settings: GatewaySettings | None = None, metrics_settings: Settings | None = None) -> Flask:
+    """Build the gateway app: provider from LLM_PROVIDER, metrics from METRICS_* (see README)."""
+    gateway_settings = gateway_settings or load_gateway_settings()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = gateway_settings.max_body_bytes
+    app.json.sort_keys = False
+    http_metrics.init_app(app, metrics_settings)
+    telemetry = LLMTelemetry()
+    telemetry.init_app(app)
+    app.extensions["gateway"] = Gateway(make_provider(gateway_settings), telemetry)
+    app.register_blueprint(api)
+    app.register_error_handler(ApiError, _api_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+    return app
