@@ -1,0 +1,210 @@
+"""Shared fixtures: start a real `gunicorn -c gunicorn.conf.py` on a free loopback port, scrape it, parse it."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent
+GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
+# Variables of ours that a developer's shell may have set; tests decide them explicitly.
+_OWN_VARS = (
+    "PROMETHEUS_MULTIPROC_DIR",
+    "prometheus_multiproc_dir",
+    "METRICS_ENABLED",
+    "METRICS_PORT",
+    "METRICS_AUTH_TOKEN",
+    "METRICS_NAMESPACE",
+    "METRICS_CONST_LABELS",
+    "METRICS_LATENCY_BUCKETS",
+    "LLM_PROVIDER",
+    "MOCK_LATENCY_MS",
+    "WEB_CONCURRENCY",
+    "GUNICORN_CMD_ARGS",
+)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    """The test process's environment without promfork's variables, plus `overrides`."""
+    env = {k: v for k, v in os.environ.items() if k not in _OWN_VARS}
+    env.update(overrides)
+    return env
+
+
+class Gunicorn:
+    """A running `gunicorn -c gunicorn.conf.py` with its own multiprocess directory and log."""
+
+    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None, workers: int = 4) -> None:
+        self.port = free_port()
+        self.tmp = tmp
+        self.multiproc_dir = tmp / "multiproc"
+        self.log_path = tmp / f"gunicorn-{self.port}.log"
+        self.env = clean_env(PROMETHEUS_MULTIPROC_DIR=str(self.multiproc_dir), **(env or {}))
+        self.argv = [
+            GUNICORN,
+            "-c",
+            "gunicorn.conf.py",
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            "--workers",
+            str(workers),
+            "--control-socket",
+            str(tmp / f"ctl-{self.port}.sock"),
+            *args,
+        ]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: float = 20.0) -> Gunicorn:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(OSError):
+                status, _, _ = request("GET", self.port, "/healthz", timeout=1)
+                if status == 200:
+                    return self
+            time.sleep(0.1)
+        raise RuntimeError(f"gunicorn did not answer within {wait}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+        finally:
+            self._log.close()
+
+    def worker_pids(self) -> list[int]:
+        """The master's current children (its workers)."""
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        return [int(p) for p in path.read_text().split()]
+
+    def scrape(self, **kwargs) -> dict:
+        return scrape(self.port, **kwargs)
+
+
+@pytest.fixture
+def gunicorn_factory(tmp_path: Path) -> Iterator:
+    """Start real gunicorn servers; every one is stopped at the end of the test."""
+    started: list[Gunicorn] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, workers: int = 4) -> Gunicorn:
+        server = Gunicorn(tmp_path, *args, env=env, workers=workers).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def request(
+    method: str, port: int, path: str, body: bytes | dict | None = None, headers: dict | None = None, timeout=30
+) -> tuple[int, dict, bytes]:
+    """One HTTP request to 127.0.0.1:port; returns (status, headers, body)."""
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        all_headers = {"Content-Type": "application/json"} if body is not None else {}
+        all_headers.update(headers or {})
+        conn.request(method, path, body=body, headers=all_headers)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def scrape(port: int, headers: dict | None = None) -> dict:
+    """GET /metrics and parse it with prometheus_client.parser into {family name: family}."""
+    status, _, body = request("GET", port, "/metrics", headers=headers)
+    assert status == 200, body[:500]
+    return {f.name: f for f in text_string_to_metric_families(body.decode())}
+
+
+def samples(families: dict, sample_name: str) -> dict[tuple, float]:
+    """Every sample called `sample_name`, keyed by its sorted label items."""
+    out = {}
+    for family in families.values():
+        for s in family.samples:
+            if s.name == sample_name:
+                out[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def value(families: dict, sample_name: str, **labels: str) -> float:
+    """The sum of the samples called `sample_name` whose labels include `labels` (0 if none)."""
+    total = 0.0
+    for key, v in samples(families, sample_name).items():
+        if all(item in key for item in labels.items()):
+            total += v
+    return total
+
+
+def counter_samples(families: dict) -> dict[tuple, float]:
+    """Every monotonic sample (counter totals, histogram buckets/counts/sums of non-negative data)."""
+    out = {}
+    for family in families.values():
+        if family.type not in ("counter", "histogram"):
+            continue
+        for s in family.samples:
+            if s.name.endswith("_created"):
+                continue
+            out[(s.name, *sorted(s.labels.items()))] = s.value
+    return out
+
+
+def chat(port: int, body: dict, timeout: float = 30) -> tuple[int, dict | None, list[dict]]:
+    """POST a chat completion; returns (status, JSON body or None, SSE chunks for streams)."""
+    status, headers, raw = request("POST", port, "/v1/chat/completions", body, timeout=timeout)
+    if headers.get("content-type", "").startswith("text/event-stream"):
+        return status, None, parse_sse(raw)
+    return status, json.loads(raw) if raw else None, []
+
+
+def parse_sse(raw: bytes) -> list:
+    """The data payloads of a Server-Sent Events body, JSON-decoded ('[DONE]' kept as a string)."""
+    events = []
+    for block in raw.decode().split("\n\n"):
+        if block.startswith("data: "):
+            data = block[len("data: ") :]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.1):
+    """Poll `predicate` until it returns a truthy value; return its last value."""
+    deadline = time.monotonic() + timeout
+    result = predicate()
+    while not result and time.monotonic() < deadline:
+        time.sleep(interval)
+        result = predicate()
+    return result

@@ -1,0 +1,182 @@
+"""Real gunicorn, 4 workers recycled by --max-requests, thousands of concurrent requests:
+the aggregated /metrics must equal what the client received, and never go backwards."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import shutil
+import subprocess
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import chat, counter_samples, request, scrape, value, wait_until
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+
+pytestmark = pytest.mark.integration
+
+CHAT = "/v1/chat/completions"
+TOTAL_REQUESTS = 3000
+
+
+def make_request(i: int) -> tuple[str, str, object]:
+    """The i-th request of a fixed mix: (kind, path, body)."""
+    rng = random.Random(i)
+    words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(rng.randint(1, 30)))
+    model = rng.choice(["mock-small", "mock-large"])
+    roll = rng.random()
+    if roll < 0.40:
+        return "plain", CHAT, {"model": model, "messages": [{"role": "user", "content": words}]}
+    if roll < 0.70:
+        return "stream", CHAT, {"model": model, "stream": True, "messages": [{"role": "user", "content": words}]}
+    if roll < 0.78:
+        tools = [{"type": "function", "function": {"name": "calculator"}}]
+        expr = f"{rng.randint(1, 99)} * {rng.randint(1, 99)}"
+        return "tool", CHAT, {"model": model, "messages": [{"role": "user", "content": expr}], "tools": tools}
+    if roll < 0.82:
+        return "bad_json", CHAT, b'{"model": "mock-small", "messages": ['
+    if roll < 0.86:
+        return "unknown_field", CHAT, {"model": model, "messages": [{"role": "user", "content": "x"}], "bogus": 1}
+    if roll < 0.90:
+        return "unknown_model", CHAT, {"model": f"gpt-{i}", "messages": [{"role": "user", "content": "x"}]}
+    return "unmatched", f"/no/such/path/{i}", None
+
+
+class ClientTally:
+    """What the client sent and received, the independent truth the metrics are checked against."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.chat_status: Counter[int] = Counter()
+        self.unmatched_status: Counter[int] = Counter()
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.tool_calls = 0
+        self.problems: list[str] = []
+
+    def send(self, port: int, i: int) -> None:
+        kind, path, body = make_request(i)
+        if kind == "unmatched":
+            status, _, _ = request("GET", port, path)
+            with self.lock:
+                self.unmatched_status[status] += 1
+            return
+        if isinstance(body, bytes):
+            status, _, raw = request("POST", port, path, body)
+            payload, events = json.loads(raw), []
+        else:
+            status, payload, events = chat(port, body)
+        usage = None
+        if kind == "stream" and status == 200:
+            usage = events[-2].get("usage") if len(events) >= 2 and events[-1] == "[DONE]" else None
+            if usage is None:
+                self.problems.append(f"stream {i} ended without usage: {events[-2:]}")
+        elif status == 200:
+            usage = payload["usage"]
+        elif "error" not in (payload or {}):
+            self.problems.append(f"request {i} ({kind}) got {status} without an OpenAI error body")
+        with self.lock:
+            self.chat_status[status] += 1
+            if kind == "tool" and status == 200:
+                self.tool_calls += 1
+            if usage:
+                self.prompt_tokens += usage["prompt_tokens"]
+                self.completion_tokens += usage["completion_tokens"]
+
+
+class Scraper(threading.Thread):
+    """Scrapes /metrics in a loop during the load and records every counter-type sample."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.stop = threading.Event()
+        self.snapshots: list[dict] = []
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.snapshots.append(counter_samples(scrape(self.port)))
+            except Exception as exc:  # recorded and asserted on, never swallowed
+                self.errors.append(repr(exc))
+            self.stop.wait(0.05)
+
+
+def assert_never_decreases(snapshots: list[dict]) -> None:
+    for before, after in zip(snapshots, snapshots[1:], strict=False):
+        for key, old in before.items():
+            new = after.get(key)
+            assert new is not None, f"{key} disappeared between scrapes"
+            assert new >= old, f"{key} went backwards: {old} -> {new}"
+
+
+def test_totals_equal_what_clients_received_under_worker_recycling(gunicorn_factory):
+    server = gunicorn_factory("--max-requests", "120", "--max-requests-jitter", "40", workers=4)
+    tally = ClientTally()
+    scraper = Scraper(server.port)
+    scraper.start()
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        list(pool.map(lambda i: tally.send(server.port, i), range(TOTAL_REQUESTS)))
+    scraper.stop.set()
+    scraper.join()
+
+    assert not tally.problems, tally.problems[:5]
+    assert not scraper.errors, scraper.errors[:5]
+    assert len(scraper.snapshots) >= 10
+    assert_never_decreases(scraper.snapshots)
+    assert server.log().count("Booting worker") > 4 + 10, "workers were not recycled during the load"
+    assert set(tally.chat_status) >= {200, 400, 404}
+
+    def metrics_match():
+        fams = scrape(server.port)
+        by_status = {
+            status: value(fams, "http_requests_total", method="POST", route=CHAT, status=str(status))
+            for status in tally.chat_status
+        }
+        return fams if by_status == dict(tally.chat_status) else None
+
+    families = wait_until(metrics_match, timeout=10)
+    assert families is not None, "http_requests_total never matched the client's responses"
+    final = scrape(server.port)
+    for status, count in tally.chat_status.items():
+        assert value(final, "http_requests_total", route=CHAT, status=str(status)) == count
+    assert value(final, "http_requests_total", route="unmatched", status="404") == tally.unmatched_status[404]
+    assert value(final, "llm_tokens_total", type="prompt") == tally.prompt_tokens
+    assert value(final, "llm_tokens_total", type="completion") == tally.completion_tokens
+    assert value(final, "llm_tool_executions_total", tool="calculator", status="ok") == tally.tool_calls
+    assert value(final, "llm_provider_requests_total", model="other", status="model_not_found") == sum(
+        1 for i in range(TOTAL_REQUESTS) if make_request(i)[0] == "unknown_model"
+    )
+    assert value(final, "llm_streams_active") == 0
+    assert value(final, "http_requests_in_flight") == 0
+    # Raw paths never become label values.
+    routes = {s.labels.get("route") for s in final["http_requests"].samples}
+    assert routes <= {CHAT, "unmatched", "/healthz"}, routes
+
+
+def test_exposition_formats_and_promtool(gunicorn_factory):
+    server = gunicorn_factory(workers=2)
+    for i in range(20):
+        chat(server.port, make_request(i)[2] if make_request(i)[0] in ("plain", "stream") else make_request(0)[2])
+
+    status, headers, body = request("GET", server.port, "/metrics")
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain; version=0.0.4")
+
+    status, headers, om = request("GET", server.port, "/metrics", headers={"Accept": "application/openmetrics-text"})
+    assert status == 200 and headers["content-type"].startswith("application/openmetrics-text")
+    assert om.decode().rstrip().endswith("# EOF")
+    assert any(f.name == "http_requests" for f in parse_openmetrics(om.decode()))
+
+    status, headers, zipped = request("GET", server.port, "/metrics", headers={"Accept-Encoding": "gzip"})
+    assert headers.get("content-encoding") == "gzip"
+    assert b"http_requests_total" in gzip.decompress(zipped)
+
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool missing: apt-get install prometheus (make test does it when run as root)"
+    check = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=30)
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
