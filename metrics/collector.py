@@ -2,7 +2,7 @@
 
 It reads under the shared files lock (see metrics.multiproc), so a concurrent
 compaction never makes a scrape count a dead worker twice or not at all, and it
-merges with prometheus-client's own ``MultiProcessCollector.merge``. Damaged
+merges exactly (metrics.merge), so totals never dip by a rounding error. Damaged
 files are skipped, counted in ``metrics_scrape_errors_total`` and set aside; the
 scrape still answers.
 """
@@ -15,12 +15,12 @@ from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.metrics_core import Metric
-from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from metrics import compaction, dbfiles
 from metrics.compaction import is_alive
 from metrics.config import Settings
+from metrics.merge import merge_files
 from metrics.multiproc import DirectoryLock
 
 log = logging.getLogger("promfork.collector")
@@ -73,36 +73,26 @@ class AggregatingCollector(Collector):
         return metrics
 
     def _read(self) -> tuple[list[Metric], list[str]]:
-        names = [n for n in os.listdir(self.directory) if n.endswith(".db")]
-        known = [n for n in names if dbfiles.parse_name(n) is not None]
-        damaged = [n for n in names if dbfiles.parse_name(n) is None]
-        paths = [os.path.join(self.directory, n) for n in known]
-        try:
-            return list(MultiProcessCollector.merge(paths)), damaged
-        except Exception as exc:  # damaged files: check them one by one; the fast path stays cheap
-            log.debug("promfork: merge failed (%s); checking files one by one", exc)
-        good = []
-        for name, path in zip(known, paths, strict=True):
-            try:
-                dbfiles.check_entries(path)
-                good.append(path)
-            except FileNotFoundError:
-                continue
-            except dbfiles.CorruptFile:
-                if not self._still_being_created(name, path):
-                    damaged.append(name)
-        return list(MultiProcessCollector.merge(good)), damaged
+        names = sorted(n for n in os.listdir(self.directory) if n.endswith(".db"))
+        foreign = [n for n in names if dbfiles.parse_name(n) is None]
+        paths = [os.path.join(self.directory, n) for n in names if n not in foreign]
+        metrics, unreadable = merge_files(paths)
+        damaged = [n for n in unreadable if not self._still_being_created(n, os.path.join(self.directory, n))]
+        return metrics, foreign + damaged
 
     @staticmethod
     def _still_being_created(name: str, path: str) -> bool:
-        # prometheus-client creates a file empty, then grows it: a live process's
-        # file can be seen at size 0 for an instant. That is not damage.
+        # prometheus-client creates a file empty, sizes it, then writes its header:
+        # a live process's new file can be seen headerless for an instant. Not damage.
         pid = dbfiles.parse_name(name).pid
+        if pid is None or not is_alive(pid):
+            return False
         try:
-            empty = os.path.getsize(path) < 8
-        except OSError:
+            with open(path, "rb") as src:
+                header = src.read(4)
+        except FileNotFoundError:
             return True
-        return empty and pid is not None and is_alive(pid)
+        return len(header) < 4 or header == b"\0\0\0\0"
 
     def _set_aside(self, names: list[str]) -> None:
         self._library.scrape_errors.inc(len(names))

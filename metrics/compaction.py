@@ -61,7 +61,7 @@ def fold(file: dbfiles.DbFile, into: dbfiles.Entries, entries: dbfiles.Entries) 
     for key, (value, ts) in entries.items():
         current = into.get(key)
         if current is None:
-            into[key] = (value, ts)
+            into[key] = (value, ts if mode in ("max", "min", "mostrecent") else 0.0)
         elif mode == "max":
             into[key] = max(current, (value, ts), key=lambda e: e[0])
         elif mode == "min":
@@ -69,8 +69,8 @@ def fold(file: dbfiles.DbFile, into: dbfiles.Entries, entries: dbfiles.Entries) 
         elif mode == "mostrecent":
             if ts > current[1]:
                 into[key] = (value, ts)
-        else:  # counter, histogram, summary, gauge sum
-            into[key] = (current[0] + value, 0.0)
+        else:  # counter, histogram, summary, gauge sum: see dbfiles.add_exact
+            into[key] = dbfiles.add_exact(current, value)
 
 
 def _fsync_dir(path: str) -> None:
@@ -114,9 +114,11 @@ def recover(directory: str) -> bool:
         for new, final in journal["renames"]:
             with contextlib.suppress(FileNotFoundError):
                 os.rename(os.path.join(directory, new), os.path.join(directory, final))
+            _step("replay_renamed")
         for name in journal["delete"]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(directory, name))
+            _step("replay_deleted")
         _fsync_dir(directory)
         os.unlink(path)
         replayed = True
@@ -218,8 +220,8 @@ class Compactor:
     """Runs compaction in a background thread of the Gunicorn master.
 
     `worker_died` only records a pid and wakes the thread, so the master's loop is
-    never blocked: the thread folds files when the files lock is free and retries
-    shortly when a scrape holds it. Every `scan_interval` seconds it also looks
+    never blocked: the thread waits a bounded time for the files lock and, if a
+    scrape (even a hung one) keeps it, retries later. Every `scan_interval` seconds it also looks
     for files of processes that died unseen (a master killed with -9, a worker
     Gunicorn never reported) and folds those.
     """
@@ -231,6 +233,7 @@ class Compactor:
         on_compacted: Callable[[CompactionResult], None] | None = None,
         scan_interval: float = 30.0,
         retry_delay: float = 0.05,
+        lock_wait: float = 0.5,
     ) -> None:
         self.directory = directory
         self.lock = DirectoryLock(directory)
@@ -238,6 +241,7 @@ class Compactor:
         self._on_compacted = on_compacted
         self._scan_interval = scan_interval
         self._retry_delay = retry_delay
+        self._lock_wait = lock_wait
         self._pending: set[int] = set()
         self._mutex = threading.Lock()
         self._wake = threading.Event()
@@ -256,10 +260,10 @@ class Compactor:
         return {pid for pid in pids_with_files(self.directory) if pid not in protected and not is_alive(pid)}
 
     def run_once(self) -> CompactionResult | None:
-        """Fold every pending pid if the lock is free; None (and pids kept pending) if it is busy."""
+        """Fold every pending pid once the lock is free; None (pids kept pending) if it stays busy."""
         with self._mutex:
             pids = set(self._pending)
-        with self.lock.try_exclusive() as locked:
+        with self.lock.try_exclusive(self._lock_wait) as locked:
             if not locked:
                 return None
             result = compact_dead_workers(self.directory, pids)

@@ -13,20 +13,26 @@ Each file is an ``MmapedDict``: a used-bytes header, then entries of
 metric name, sample name, labels and help, so identical series in two files have
 identical keys. promfork's archive files use the same format with ``archive`` in
 place of the pid, so the stock ``MultiProcessCollector`` reads them as one more
-(dead) process. Reading and writing go through prometheus-client's own
-``MmapedDict``; ``tests/test_dbfiles.py`` pins the layout of the installed version.
+(dead) process. In archive entries of summed kinds (counter, histogram, summary,
+``sum`` gauges) the timestamp double, which prometheus-client ignores for those
+kinds, holds the rounding remainder of the folded total (value + remainder is
+the exact sum to about 106 bits), so folding never perturbs a total by an ulp.
+Reading and writing go through prometheus-client's own ``MmapedDict``;
+``tests/test_dbfiles.py`` pins the layout of the installed version.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import re
+import struct
 from dataclasses import dataclass
 
 from prometheus_client.mmap_dict import MmapedDict
 
 ARCHIVE = "archive"
+_HEADER = struct.Struct("i")  # bytes used, native int, as MmapedDict writes it
 
 GAUGE_MODES = frozenset(
     {"all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum", "mostrecent", "livemostrecent"}
@@ -86,6 +92,13 @@ Entries = dict[str, tuple[float, float]]
 
 def read_entries(path: str) -> Entries:
     """Read every (key -> (value, timestamp)) of a file; raise CorruptFile if it is damaged."""
+    with open(path, "rb") as src:
+        header = src.read(8)
+        size = os.fstat(src.fileno()).st_size
+    # prometheus-client trusts the used-bytes header; a garbage header would read as "empty".
+    used = _HEADER.unpack_from(header)[0] if len(header) == 8 else -1
+    if not 8 <= used <= size:
+        raise CorruptFile(f"{os.path.basename(path)}: bad header (used={used}, size={size})")
     try:
         entries = {key: (value, ts) for key, value, ts, _ in MmapedDict.read_all_values_from_file(path)}
     except FileNotFoundError:
@@ -95,16 +108,11 @@ def read_entries(path: str) -> Entries:
     return entries
 
 
-def check_entries(path: str) -> None:
-    """Raise CorruptFile unless every key of the file is a well-formed JSON sample key."""
-    for key in read_entries(path):
-        try:
-            metric, sample, labels, _help = json.loads(key)
-            ok = isinstance(metric, str) and isinstance(sample, str) and isinstance(labels, dict)
-        except (ValueError, TypeError):
-            ok = False
-        if not ok:
-            raise CorruptFile(f"{os.path.basename(path)}: malformed key {key[:80]!r}")
+def add_exact(total: tuple[float, float], value: float) -> tuple[float, float]:
+    """Add `value` to a (value, remainder) pair, keeping the rounding error in the remainder."""
+    parts = (total[0], total[1], value)
+    rounded = math.fsum(parts)
+    return rounded, math.fsum((*parts, -rounded))
 
 
 def write_entries(path: str, entries: Entries) -> None:

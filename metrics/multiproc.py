@@ -12,6 +12,11 @@ Two advisory locks (flock) live in the directory:
 * ``.files.lock`` -- scrapes hold it shared while they read the files;
   compaction holds it exclusively while it changes them. This is what lets a
   scrape see each dead worker's values exactly once.
+* ``.intent.lock`` -- gives compaction priority over a stream of overlapping
+  scrapes (flock has no writer preference): a compactor takes it exclusively
+  before waiting for the files lock, and a scrape passes through it shared
+  before taking the files lock, so new scrapes queue behind a waiting
+  compactor instead of starving it. The compactor waits a bounded time only.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Iterator
 
 MASTERS_LOCK = ".masters.lock"
 FILES_LOCK = ".files.lock"
+INTENT_LOCK = ".intent.lock"
 PRIVATE_MARKER = ".promfork-private"
 
 # Descriptors holding a transient lock. A fork while one is held copies it into
@@ -162,12 +168,13 @@ class DirectoryLock:
 
     def __init__(self, path: str) -> None:
         self.lock_path = os.path.join(path, FILES_LOCK)
+        self.intent_path = os.path.join(path, INTENT_LOCK)
 
-    def _acquire(self, exclusive: bool, timeout: float) -> int | None:
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    @staticmethod
+    def _acquire(path: str, exclusive: bool, deadline: float) -> int | None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-        deadline = time.monotonic() + timeout
-        delay = 0.001
+        delay = 0.0005
         while True:
             try:
                 fcntl.flock(fd, mode | fcntl.LOCK_NB)
@@ -178,7 +185,7 @@ class DirectoryLock:
                     os.close(fd)
                     return None
                 time.sleep(delay)
-                delay = min(delay * 2, 0.02)
+                delay = min(delay * 2, 0.01)
 
     @staticmethod
     def _release(fd: int) -> None:
@@ -189,10 +196,20 @@ class DirectoryLock:
         finally:
             os.close(fd)
 
+    def _lock(self, exclusive: bool, timeout: float) -> int | None:
+        deadline = time.monotonic() + timeout
+        intent = self._acquire(self.intent_path, exclusive, deadline)
+        if intent is None:
+            return None
+        try:
+            return self._acquire(self.lock_path, exclusive, deadline)
+        finally:
+            self._release(intent)
+
     @contextlib.contextmanager
     def hold(self, exclusive: bool, timeout: float) -> Iterator[None]:
         """Hold the lock, waiting up to `timeout` seconds; raise LockTimeout otherwise."""
-        fd = self._acquire(exclusive, timeout)
+        fd = self._lock(exclusive, timeout)
         if fd is None:
             kind = "exclusively" if exclusive else "shared"
             raise LockTimeout(f"could not lock {self.lock_path} {kind} within {timeout:.1f}s")
@@ -202,9 +219,9 @@ class DirectoryLock:
             self._release(fd)
 
     @contextlib.contextmanager
-    def try_exclusive(self) -> Iterator[bool]:
-        """Hold the lock exclusively if it is free right now; yield whether it was taken."""
-        fd = self._acquire(exclusive=True, timeout=0)
+    def try_exclusive(self, wait: float = 0.0) -> Iterator[bool]:
+        """Hold the lock exclusively if it comes free within `wait` seconds; yield whether it was taken."""
+        fd = self._lock(exclusive=True, timeout=wait)
         try:
             yield fd is not None
         finally:
