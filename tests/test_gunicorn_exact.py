@@ -4,6 +4,7 @@ the aggregated /metrics must equal what the client received, and never go backwa
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import random
 import shutil
@@ -107,7 +108,7 @@ class Scraper(threading.Thread):
 
 
 def assert_never_decreases(snapshots: list[dict]) -> None:
-    for before, after in zip(snapshots, snapshots[1:], strict=False):
+    for before, after in itertools.pairwise(snapshots):
         for key, old in before.items():
             new = after.get(key)
             assert new is not None, f"{key} disappeared between scrapes"

@@ -1,0 +1,147 @@
+"""Start-up checks: bad settings and unusable directories stop the server with a clear message."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import GUNICORN, ROOT, clean_env, free_port
+
+from metrics.config import ConfigError, load_settings
+from metrics.multiproc import MasterLease, MultiprocDirError, ensure_directory, wipe_stale_files
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"METRICS_ENABLED": "maybe"}, "METRICS_ENABLED"),
+        ({"METRICS_PORT": "99999"}, "METRICS_PORT"),
+        ({"METRICS_PORT": "http"}, "METRICS_PORT"),
+        ({"METRICS_NAMESPACE": "9lives"}, "METRICS_NAMESPACE"),
+        ({"METRICS_CONST_LABELS": "service"}, "METRICS_CONST_LABELS"),
+        ({"METRICS_CONST_LABELS": "a=1,a=2"}, "METRICS_CONST_LABELS"),
+        ({"METRICS_LATENCY_BUCKETS": "1,0.5"}, "METRICS_LATENCY_BUCKETS"),
+        ({"METRICS_LATENCY_BUCKETS": "fast"}, "METRICS_LATENCY_BUCKETS"),
+    ],
+)
+def test_bad_settings_name_the_variable(env, named):
+    with pytest.raises(ConfigError, match=named):
+        load_settings(env)
+
+
+def test_settings_parse_documented_forms():
+    s = load_settings(
+        {
+            "METRICS_ENABLED": "off",
+            "METRICS_NAMESPACE": "gw",
+            "METRICS_CONST_LABELS": "service=gw, env=prod",
+            "METRICS_LATENCY_BUCKETS": "0.1,1,10",
+            "METRICS_PORT": "9100",
+        }
+    )
+    assert (s.enabled, s.namespace, dict(s.const_labels)) == (False, "gw", {"service": "gw", "env": "prod"})
+    assert s.latency_buckets == (0.1, 1.0, 10.0) and s.metrics_port == 9100
+    assert s.metric_name("http_requests_total") == "gw_http_requests_total"
+
+
+def test_private_directory_is_created_with_mode_0700():
+    path = ensure_directory(None)
+    try:
+        assert os.stat(path).st_mode & 0o777 == 0o700
+    finally:
+        subprocess.run(["rm", "-rf", path], check=True)
+
+
+def test_configured_directory_is_checked(tmp_path: Path):
+    created = ensure_directory(str(tmp_path / "new" / "dir"))
+    assert os.stat(created).st_mode & 0o777 == 0o700
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    with pytest.raises(MultiprocDirError, match="world-writable"):
+        ensure_directory(str(open_dir))
+    link = tmp_path / "link"
+    link.symlink_to(created)
+    with pytest.raises(MultiprocDirError, match="symlink"):
+        ensure_directory(str(link))
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    with pytest.raises(MultiprocDirError, match="not a directory"):
+        ensure_directory(str(afile))
+
+
+def test_unwritable_directory_is_refused(tmp_path: Path):
+    if os.geteuid() == 0:
+        # root ignores permission bits; sysfs refuses new files even to root
+        target = "/sys/kernel"
+        with pytest.raises(MultiprocDirError, match="not writable"):
+            ensure_directory(target)
+        return
+    locked = tmp_path / "ro"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(MultiprocDirError, match="not writable"):
+        ensure_directory(str(locked))
+
+
+def test_cold_start_wipes_only_when_no_other_master_holds_the_directory(tmp_path: Path):
+    (tmp_path / "counter_123.db").write_bytes(b"old")
+    first = MasterLease(str(tmp_path))
+    assert first.acquire() is True  # alone: a cold start
+    first.keep()
+    second = MasterLease(str(tmp_path))
+    assert second.acquire() is False  # another master lives: keep its files
+    second.keep()
+    assert second.release_if_last() is False
+    assert first.release_if_last() is True
+    assert wipe_stale_files(str(tmp_path)) == 1
+    assert not (tmp_path / "counter_123.db").exists()
+
+
+def _gunicorn_fails(env: dict, conf: str = "gunicorn.conf.py") -> str:
+    argv = [GUNICORN, "-c", conf, "--bind", f"127.0.0.1:{free_port()}", "--workers", "2", "--no-control-socket"]
+    proc = subprocess.run(argv, cwd=ROOT, env=clean_env(**env), capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0, "gunicorn started despite the bad setting"
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"METRICS_LATENCY_BUCKETS": "abc"}, "METRICS_LATENCY_BUCKETS"),
+        ({"METRICS_ENABLED": "perhaps"}, "METRICS_ENABLED"),
+        ({"LLM_PROVIDER": "skynet"}, "LLM_PROVIDER"),
+        ({"MOCK_LATENCY_MS": "-5"}, "MOCK_LATENCY_MS"),
+        ({"PROMETHEUS_MULTIPROC_DIR": "/proc/self/nope"}, "PROMETHEUS_MULTIPROC_DIR"),
+    ],
+)
+def test_gunicorn_refuses_to_start_with_bad_settings(env, named):
+    output = _gunicorn_fails(env)
+    assert named in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.integration
+def test_prometheus_client_imported_too_early_stops_the_server(tmp_path: Path):
+    conf = tmp_path / "early.conf.py"
+    # The classic mistake: prometheus_client imported before the directory variable exists.
+    conf.write_text(
+        "import prometheus_client  # noqa\n"
+        f"exec(compile(open({str(ROOT / 'gunicorn.conf.py')!r}).read(), 'gunicorn.conf.py', 'exec'))\n"
+    )
+    output = _gunicorn_fails({}, str(conf))
+    assert "imported before PROMETHEUS_MULTIPROC_DIR was set" in output
+
+
+def test_import_order_check_in_a_plain_process(tmp_path: Path):
+    code = (
+        "import os, prometheus_client\n"
+        f"os.environ['PROMETHEUS_MULTIPROC_DIR'] = {str(tmp_path)!r}\n"
+        "from metrics.multiproc import ensure_multiprocess_mode\n"
+        "ensure_multiprocess_mode()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(), capture_output=True, text=True)
+    assert proc.returncode != 0 and "ImportOrderError" in proc.stderr
