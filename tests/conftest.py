@@ -20,7 +20,7 @@ import pytest
 os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 os.environ.pop("prometheus_multiproc_dir", None)
 
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN = str(Path(sys.executable).with_name("gunicorn"))

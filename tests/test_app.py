@@ -78,7 +78,10 @@ def test_unknown_model_is_a_404_in_openai_shape_counted_as_other(app, client):
 def test_every_openai_parameter_is_accepted(client):
     body = {
         "model": "mock-large",
-        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "messages": [
+            {"role": "system", "content": "brief"},
+            {"role": "user", "content": [{"type": "text", "text": "x"}]},
+        ],
         "temperature": 0.2, "top_p": 0.9, "n": 1, "stop": ["\n"], "max_tokens": 50, "presence_penalty": 0,
         "frequency_penalty": 0, "logit_bias": {}, "logprobs": False, "user": "u1", "seed": 7,
         "response_format": {"type": "text"}, "parallel_tool_calls": True, "tool_choice": "auto",
