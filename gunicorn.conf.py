@@ -22,6 +22,10 @@ graceful_timeout = 10
 
 on_starting = hooks.on_starting
 when_ready = hooks.when_ready
+pre_fork = hooks.pre_fork
 post_fork = hooks.post_fork
+worker_exit = hooks.worker_exit
 child_exit = hooks.child_exit
+nworkers_changed = hooks.nworkers_changed
+on_reload = hooks.on_reload
 on_exit = hooks.on_exit

@@ -21,13 +21,14 @@ from metrics import compaction, dbfiles
 from metrics.compaction import is_alive
 from metrics.config import Settings
 from metrics.merge import merge_files
-from metrics.multiproc import DirectoryLock
+from metrics.multiproc import DirectoryLock, fork_guard
+from metrics.process import WorkerProcessCollector
 
 log = logging.getLogger("promfork.collector")
 
 
 class LibraryMetrics:
-    """promfork's own counters about scrapes and compaction."""
+    """promfork's own counters about scrapes and compaction (safe to update from any thread)."""
 
     def __init__(self, settings: Settings, registry=None) -> None:
         self.scrape_errors = Counter(
@@ -40,6 +41,16 @@ class LibraryMetrics:
             "Dead worker processes whose metric files were folded into the archive.",
             registry=registry,
         )
+
+    def count_scrape_errors(self, n: int) -> None:
+        """Count damaged files met by a scrape or a compaction."""
+        with fork_guard:
+            self.scrape_errors.inc(n)
+
+    def count_compactions(self, n: int) -> None:
+        """Count dead workers folded into the archive."""
+        with fork_guard:
+            self.compactions.inc(n)
 
 
 class AggregatingCollector(Collector):
@@ -95,7 +106,7 @@ class AggregatingCollector(Collector):
         return len(header) < 4 or header == b"\0\0\0\0"
 
     def _set_aside(self, names: list[str]) -> None:
-        self._library.scrape_errors.inc(len(names))
+        self._library.count_scrape_errors(len(names))
         with self.lock.try_exclusive() as locked:
             if not locked:
                 log.error("promfork: damaged metric files skipped this scrape: %s", ", ".join(names))
@@ -116,4 +127,5 @@ def exposition_registry(settings: Settings) -> CollectorRegistry:
     directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AggregatingCollector(directory, LibraryMetrics(settings), settings.const_labels))
+    registry.register(WorkerProcessCollector(directory, settings.namespace, settings.const_labels))
     return registry

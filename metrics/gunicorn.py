@@ -1,14 +1,20 @@
 """Gunicorn server hooks that keep multiprocess metrics exact; gunicorn.conf.py only assigns them.
 
 Only Gunicorn's documented settings and hooks are used. The master's state (its
-lease on the directory and the compactor thread) lives in this module because
-Gunicorn re-executes the config file on HUP while ``on_starting`` runs only once
-per master: state kept in the config file would be lost on the first reload.
+lease on the directory, the compactor thread, the metrics listener) lives in
+this module because Gunicorn re-executes the config file on HUP while
+``on_starting`` runs only once per master: state kept in the config file would
+be lost on the first reload.
+
+Lifecycle metrics are written by the master from hooks, which run on its main
+thread. Why a worker exited is only known inside the worker, so ``worker_exit``
+leaves a one-word ``<pid>.exit`` note that ``child_exit`` reads; a worker killed
+outright (SIGKILL, OOM) leaves none.
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
 import shutil
 import sys
@@ -17,7 +23,7 @@ from dataclasses import dataclass
 from metrics.config import ConfigError, Settings, load_settings
 from metrics.multiproc import MasterLease, MultiprocDirError, ensure_directory, is_private, wipe_stale_files
 
-log = logging.getLogger("promfork.gunicorn")
+EXIT_REASONS = ("normal", "max_requests", "timeout", "signal", "error")
 
 
 @dataclass
@@ -25,8 +31,10 @@ class _MasterState:
     settings: Settings
     directory: str | None = None
     lease: MasterLease | None = None
-    compactor: object | None = None  # metrics.compaction.Compactor, imported after the env is set
+    compactor: object | None = None  # metrics.compaction.Compactor (imported once the env is set)
     library: object | None = None  # metrics.collector.LibraryMetrics
+    lifecycle: object | None = None  # _Lifecycle
+    server: object | None = None  # metrics.server.MetricsServer
 
 
 _master: _MasterState | None = None
@@ -61,6 +69,29 @@ def _state() -> _MasterState:
     return _master
 
 
+class _Lifecycle:
+    """What Gunicorn itself is doing, written by the master."""
+
+    def __init__(self, settings: Settings) -> None:
+        from prometheus_client import Counter, Gauge
+
+        name = settings.metric_name
+        self.workers = Gauge(name("gunicorn_workers"), "Worker processes alive.", multiprocess_mode="livesum")
+        self.configured = Gauge(
+            name("gunicorn_workers_configured"), "Workers the master is configured to run.", multiprocess_mode="livemax"
+        )
+        self.boots = Counter(name("gunicorn_worker_boots_total"), "Worker processes started.")
+        self.exits = Counter(
+            name("gunicorn_worker_exits_total"),
+            "Worker exits by reason: normal, max_requests (recycled), timeout (aborted by the master), "
+            "signal (killed, e.g. SIGKILL or OOM), error.",
+            ["reason"],
+        )
+        self.reloads = Counter(name("gunicorn_master_reloads_total"), "Configuration reloads (HUP) of the master.")
+        for reason in EXIT_REASONS:
+            self.exits.labels(reason)
+
+
 def on_starting(server) -> None:
     """Master start: take the directory lease and, on a cold start, wipe files of earlier runs."""
     state = _state()
@@ -68,6 +99,7 @@ def on_starting(server) -> None:
         return
     from metrics.collector import LibraryMetrics
     from metrics.multiproc import ensure_multiprocess_mode
+    from metrics.process import MASTER, record_slot
 
     ensure_multiprocess_mode()
     state.directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
@@ -79,10 +111,12 @@ def on_starting(server) -> None:
         server.log.info("promfork: metrics directory %s shared with a live master; keeping its files", state.directory)
     state.lease.keep()
     state.library = LibraryMetrics(state.settings)
+    state.lifecycle = _Lifecycle(state.settings)
+    record_slot(state.directory, MASTER, os.getpid())
 
 
 def when_ready(server) -> None:
-    """Master ready: start the compactor thread that folds dead workers' files."""
+    """Master ready: start the compactor thread and, with METRICS_PORT, the master's metrics listener."""
     state = _state()
     if state.directory is None:
         return
@@ -92,44 +126,120 @@ def when_ready(server) -> None:
         return {server.pid, *server.WORKERS.copy()}
 
     def counted(result) -> None:
-        state.library.compactions.inc(len(result.pids))
+        state.library.count_compactions(len(result.pids))
         if result.quarantined:
-            state.library.scrape_errors.inc(len(result.quarantined))
+            state.library.count_scrape_errors(len(result.quarantined))
 
     state.compactor = Compactor(state.directory, protected, on_compacted=counted)
     state.compactor.start()
+    state.lifecycle.configured.set(server.num_workers)
+    if state.settings.metrics_port is not None and state.server is None:
+        from metrics.collector import exposition_registry
+        from metrics.exposition import make_metrics_app
+        from metrics.server import MetricsServer
+
+        app = make_metrics_app(exposition_registry(state.settings), state.settings.auth_token)
+        try:
+            state.server = MetricsServer(app, state.settings.metrics_bind, state.settings.metrics_port)
+        except OSError as exc:
+            where = f"{state.settings.metrics_bind}:{state.settings.metrics_port}"
+            sys.exit(f"promfork: cannot listen on METRICS_PORT ({where}): {exc.strerror}")
+        state.server.start()
+        server.log.info(
+            "promfork: master serving /metrics on http://%s:%d/metrics", *state.server.httpd.server_address[:2]
+        )
+
+
+def pre_fork(server, worker) -> None:
+    """Master, before a fork: give the new worker the lowest free slot and count the boot."""
+    state = _state()
+    if state.directory is None:
+        return
+    from metrics.process import free_slot
+
+    worker.promfork_slot = free_slot(getattr(w, "promfork_slot", -1) for w in server.WORKERS.copy().values())
+    state.lifecycle.boots.inc()
+    state.lifecycle.workers.set(len(server.WORKERS) + 1)
 
 
 def post_fork(server, worker) -> None:
-    """Worker start: refuse to run if prometheus_client is not writing to the shared directory."""
-    if _state().directory is None:
+    """Worker start: close the master's listener, record the slot, check prometheus_client's mode."""
+    state = _state()
+    if state.directory is None:
         return
+    if state.server is not None:
+        state.server.close_in_child()
     from metrics.multiproc import ensure_multiprocess_mode
+    from metrics.process import record_slot
 
     ensure_multiprocess_mode()
+    record_slot(state.directory, str(worker.promfork_slot), os.getpid())
+
+
+def worker_exit(server, worker) -> None:
+    """Worker, on its way out: leave a note saying why, for the master's exit counter."""
+    state = _state()
+    if state.directory is None:
+        return
+    exc = sys.exc_info()[1]
+    code = exc.code if isinstance(exc, SystemExit) else (None if exc is None else -1)
+    if code in (0, None):
+        reason = "max_requests" if worker.nr >= worker.max_requests else "normal"
+    elif code == 1:
+        reason = "timeout"  # Gunicorn's SIGABRT handler exits with 1
+    else:
+        reason = "error"
+    with contextlib.suppress(OSError), open(os.path.join(state.directory, f"{os.getpid()}.exit"), "w") as out:
+        out.write(reason)
 
 
 def child_exit(server, worker) -> None:
-    """A worker was reaped: drop its live gauges now and queue its files for compaction.
+    """A worker was reaped: count why it exited, drop its live gauges, queue its files for compaction.
 
-    Cheap by design (two unlinks and a queue put): in older Gunicorn releases
-    this runs inside the SIGCHLD handler, and the master must never block here.
+    Cheap by design (a few small file operations and a queue put): in older
+    Gunicorn releases this runs inside the SIGCHLD handler, and the master must
+    never block here.
     """
     state = _state()
     if state.directory is None:
         return
     from prometheus_client import multiprocess
 
+    note = os.path.join(state.directory, f"{worker.pid}.exit")
+    try:
+        with open(note) as src:
+            reason = src.read().strip()
+        os.unlink(note)
+    except OSError:
+        reason = "timeout" if worker.aborted else "signal"
+    state.lifecycle.exits.labels(reason if reason in EXIT_REASONS else "error").inc()
+    state.lifecycle.workers.set(len(server.WORKERS))
     multiprocess.mark_process_dead(worker.pid, state.directory)
     if state.compactor is not None:
         state.compactor.worker_died(worker.pid)
 
 
+def nworkers_changed(server, new_value, old_value) -> None:
+    """TTIN/TTOU or a reload changed the worker count."""
+    state = _state()
+    if state.lifecycle is not None:
+        state.lifecycle.configured.set(new_value)
+
+
+def on_reload(server) -> None:
+    """HUP: count the reload (the listener and compactor carry on unchanged)."""
+    state = _state()
+    if state.lifecycle is not None:
+        state.lifecycle.reloads.inc()
+
+
 def on_exit(server) -> None:
-    """Master exit: stop compacting, release the lease, remove a private directory nobody uses."""
+    """Master exit: stop compacting and listening, release the lease, remove a private directory nobody uses."""
     state = _state()
     if state.directory is None:
         return
+    if state.server is not None:
+        state.server.stop()
     if state.compactor is not None:
         state.compactor.stop()
     if state.lease is not None and state.lease.release_if_last() and is_private(state.directory):

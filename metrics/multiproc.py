@@ -27,6 +27,7 @@ import fcntl
 import os
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 
@@ -49,6 +50,13 @@ def _close_inherited_lock_fds() -> None:
 
 
 os.register_at_fork(after_in_child=_close_inherited_lock_fds)
+
+# prometheus-client guards each process's metric files with a plain threading.Lock.
+# If a background thread of the Gunicorn master were inside a metric update at the
+# instant the master forks, the worker would inherit that lock held and hang on its
+# first metric update. Threads update metrics under fork_guard; fork waits for it.
+fork_guard = threading.Lock()
+os.register_at_fork(before=fork_guard.acquire, after_in_parent=fork_guard.release, after_in_child=fork_guard.release)
 
 
 class MultiprocDirError(RuntimeError):
@@ -113,7 +121,7 @@ def wipe_stale_files(path: str) -> int:
     for entry in os.scandir(path):
         if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
             continue
-        if entry.name.endswith((".db", ".new", ".journal", ".journal.tmp")):
+        if entry.name.endswith((".db", ".new", ".journal", ".journal.tmp", ".exit", ".slot")):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
                 removed += 1

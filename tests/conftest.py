@@ -175,10 +175,14 @@ def value(families: dict, sample_name: str, **labels: str) -> float:
 
 
 def counter_samples(families: dict) -> dict[tuple, float]:
-    """Every monotonic sample (counter totals, histogram buckets/counts/sums of non-negative data)."""
+    """Every aggregated monotonic sample (counters, histograms of non-negative data).
+
+    Per-process counters (process_cpu_seconds_total by worker slot) are left out: they
+    restart with their process, which Prometheus treats as a reset by design.
+    """
     out = {}
     for family in families.values():
-        if family.type not in ("counter", "histogram"):
+        if family.type not in ("counter", "histogram") or family.name.startswith("process_"):
             continue
         for s in family.samples:
             if s.name.endswith("_created"):

@@ -54,6 +54,12 @@ class _LibraryMetrics:
         self.scrape_errors = _NullCounter()
         self.compactions = _NullCounter()
 
+    def count_scrape_errors(self, n):
+        self.scrape_errors.inc(n)
+
+    def count_compactions(self, n):
+        self.compactions.inc(n)
+
 
 def promfork_view(directory: Path) -> dict[tuple, float]:
     collector = AggregatingCollector(str(directory), _LibraryMetrics())
