@@ -146,7 +146,8 @@ def main() -> None:
     print()
     if fold_costs:
         print(
-            f"compaction cost per dead worker (off the master's main loop): median {statistics.median(fold_costs):.2f} ms,"
+            "compaction cost per dead worker (off the master's main loop):"
+            f" median {statistics.median(fold_costs):.2f} ms,"
             f" max {max(fold_costs):.2f} ms (batches of 50)"
         )
     single = os.path.join(WORK, "single")

@@ -119,6 +119,7 @@ def write_entries(path: str, entries: Entries) -> None:
     """Write `entries` to a new file at `path` in the mmap format and fsync it."""
     if os.path.exists(path):
         os.unlink(path)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     store = MmapedDict(path)
     try:
         for key, (value, timestamp) in entries.items():

@@ -176,6 +176,11 @@ def post_fork(server, worker) -> None:
     record_slot(state.directory, str(worker.promfork_slot), os.getpid())
 
 
+def worker_abort(worker) -> None:
+    """Worker received SIGABRT (the master's timeout): remember it for worker_exit."""
+    worker.promfork_aborted = True
+
+
 def worker_exit(server, worker) -> None:
     """Worker, on its way out: leave a note saying why, for the master's exit counter."""
     state = _state()
@@ -183,10 +188,10 @@ def worker_exit(server, worker) -> None:
         return
     exc = sys.exc_info()[1]
     code = exc.code if isinstance(exc, SystemExit) else (None if exc is None else -1)
-    if code in (0, None):
+    if getattr(worker, "promfork_aborted", False):
+        reason = "timeout"
+    elif code in (0, None):
         reason = "max_requests" if worker.nr >= worker.max_requests else "normal"
-    elif code == 1:
-        reason = "timeout"  # Gunicorn's SIGABRT handler exits with 1
     else:
         reason = "error"
     with contextlib.suppress(OSError), open(os.path.join(state.directory, f"{os.getpid()}.exit"), "w") as out:

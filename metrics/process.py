@@ -61,12 +61,14 @@ def _boot_time() -> float:
 
 
 def read_process(pid: int) -> dict[str, float] | None:
-    """RSS, CPU, threads, start time and open fds of `pid` from /proc; None if it is gone."""
+    """RSS, CPU, threads, start time and open fds of `pid` from /proc; None if it has exited."""
     try:
         with open(f"/proc/{pid}/stat") as src:
             stat = src.read()
         # The command name (field 2) may contain spaces; fields after it are fixed.
         fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] in ("Z", "X"):
+            return None  # exited, not yet reaped: nothing left to measure
         try:
             fds = float(len(os.listdir(f"/proc/{pid}/fd")))
         except PermissionError:
