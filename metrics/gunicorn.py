@@ -72,22 +72,30 @@ def _state() -> _MasterState:
 class _Lifecycle:
     """What Gunicorn itself is doing, written by the master."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, registry=None) -> None:
         from prometheus_client import Counter, Gauge
 
         name = settings.metric_name
-        self.workers = Gauge(name("gunicorn_workers"), "Worker processes alive.", multiprocess_mode="livesum")
-        self.configured = Gauge(
-            name("gunicorn_workers_configured"), "Workers the master is configured to run.", multiprocess_mode="livemax"
+        self.workers = Gauge(
+            name("gunicorn_workers"), "Worker processes alive.", multiprocess_mode="livesum", registry=registry
         )
-        self.boots = Counter(name("gunicorn_worker_boots_total"), "Worker processes started.")
+        self.configured = Gauge(
+            name("gunicorn_workers_configured"),
+            "Workers the master is configured to run.",
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
+        self.boots = Counter(name("gunicorn_worker_boots_total"), "Worker processes started.", registry=registry)
         self.exits = Counter(
             name("gunicorn_worker_exits_total"),
             "Worker exits by reason: normal, max_requests (recycled), timeout (aborted by the master), "
             "signal (killed, e.g. SIGKILL or OOM), error.",
             ["reason"],
+            registry=registry,
         )
-        self.reloads = Counter(name("gunicorn_master_reloads_total"), "Configuration reloads (HUP) of the master.")
+        self.reloads = Counter(
+            name("gunicorn_master_reloads_total"), "Configuration reloads (HUP) of the master.", registry=registry
+        )
         for reason in EXIT_REASONS:
             self.exits.labels(reason)
 
