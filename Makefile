@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,load]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -24,12 +24,12 @@ system-deps:
 	fi
 
 test: $(STAMP) system-deps
-	$(VENV)/bin/ruff check metrics webapp tests bench gunicorn.conf.py
+	$(VENV)/bin/ruff check metrics webapp loadtest tests bench gunicorn.conf.py
 	$(VENV)/bin/pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check metrics webapp tests bench gunicorn.conf.py
-	$(VENV)/bin/ruff format --check metrics webapp tests bench gunicorn.conf.py
+	$(VENV)/bin/ruff check metrics webapp loadtest tests bench gunicorn.conf.py
+	$(VENV)/bin/ruff format --check metrics webapp loadtest tests bench gunicorn.conf.py
 
 bench: $(STAMP)
 	$(PY) bench/scrape_cost.py

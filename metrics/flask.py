@@ -145,68 +145,94 @@ class _Recorder:
 
 
 class _InstrumentedApp:
-    """WSGI middleware timing and counting every request until its body is closed."""
+    """WSGI middleware timing and counting every request.
+
+    A response is counted when its last byte is handed to the server (known from
+    Content-Length) or, for streams and short bodies, when the server closes it.
+    So a client never receives a whole response that is not counted; a worker
+    killed before that point takes the request with it (the client sees its
+    connection cut). The in-flight gauge drops when the body is closed.
+    """
 
     def __init__(self, app: Callable, recorder: _Recorder) -> None:
         self.app = app
         self.recorder = recorder
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
-        started = time.perf_counter()
-        recorder = self.recorder
-        recorder.in_flight.inc()
-        status_holder = ["500"]
-
-        def capture_status(status: str, headers: list, exc_info=None):
-            status_holder[0] = status[:3]
-            return start_response(status, headers, exc_info)
-
-        def finish(response_bytes: int) -> None:
-            method = environ.get("REQUEST_METHOD", "")
-            try:
-                request_bytes = int(environ.get("CONTENT_LENGTH") or 0)
-            except ValueError:
-                request_bytes = 0
-            recorder.record(
-                method if method in KNOWN_METHODS else "other",
-                environ.get(ROUTE_KEY, UNMATCHED),
-                status_holder[0],
-                time.perf_counter() - started,
-                request_bytes,
-                response_bytes,
-            )
-            recorder.in_flight.dec()
-
+        exchange = _Exchange(environ, start_response, self.recorder)
         try:
-            body = self.app(environ, capture_status)
+            exchange.body = self.app(environ, exchange.start_response)
         except BaseException:
-            status_holder[0] = "500"
-            finish(0)
+            exchange.status = "500"
+            exchange.close()
             raise
-        return _MeasuredBody(body, finish)
+        return exchange
 
 
-class _MeasuredBody:
-    """A response body that counts its bytes and reports once when closed."""
+class _Exchange:
+    """One request/response: captures the status, measures the body, records once."""
 
-    __slots__ = ("_body", "_finish", "_sent")
+    __slots__ = ("body", "closed", "environ", "length", "recorded", "recorder", "sent", "server_start", "started",
+                 "status")  # fmt: skip
 
-    def __init__(self, body: Iterable[bytes], finish: Callable[[int], None]) -> None:
-        self._body = body
-        self._finish: Callable[[int], None] | None = finish
-        self._sent = 0
+    def __init__(self, environ: dict, server_start: Callable, recorder: _Recorder) -> None:
+        self.started = time.perf_counter()
+        self.environ = environ
+        self.server_start = server_start
+        self.recorder = recorder
+        self.body: Iterable[bytes] = ()
+        self.status = "500"
+        self.length: int | None = None
+        self.sent = 0
+        self.recorded = False
+        self.closed = False
+        recorder.in_flight.inc()
+
+    def start_response(self, status: str, headers: list, exc_info=None):
+        self.status = status[:3]
+        for name, value in headers:
+            if name.lower() == "content-length":
+                try:
+                    self.length = int(value)
+                except ValueError:
+                    self.length = None
+        return self.server_start(status, headers, exc_info)
 
     def __iter__(self) -> Iterator[bytes]:
-        for chunk in self._body:
-            self._sent += len(chunk)
+        length = self.length
+        for chunk in self.body:
+            self.sent += len(chunk)
+            if length is not None and self.sent >= length:
+                self._record()  # before the last byte leaves this process
             yield chunk
 
-    def close(self) -> None:
+    def _record(self) -> None:
+        if self.recorded:
+            return
+        self.recorded = True
+        environ = self.environ
+        method = environ.get("REQUEST_METHOD", "")
         try:
-            close = getattr(self._body, "close", None)
+            request_bytes = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            request_bytes = 0
+        self.recorder.record(
+            method if method in KNOWN_METHODS else "other",
+            environ.get(ROUTE_KEY, UNMATCHED),
+            self.status,
+            time.perf_counter() - self.started,
+            request_bytes,
+            self.sent,
+        )
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            close = getattr(self.body, "close", None)
             if close is not None:
                 close()
         finally:
-            finish, self._finish = self._finish, None
-            if finish is not None:
-                finish(self._sent)
+            self._record()
+            self.recorder.in_flight.dec()

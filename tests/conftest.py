@@ -61,9 +61,10 @@ class Gunicorn:
     def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None, workers: int = 4) -> None:
         self.port = free_port()
         self.tmp = tmp
-        self.multiproc_dir = tmp / "multiproc"
+        env = env or {}
+        self.multiproc_dir = Path(env.get("PROMETHEUS_MULTIPROC_DIR", tmp / "multiproc"))
         self.log_path = tmp / f"gunicorn-{self.port}.log"
-        self.env = clean_env(PROMETHEUS_MULTIPROC_DIR=str(self.multiproc_dir), **(env or {}))
+        self.env = clean_env(**{**env, "PROMETHEUS_MULTIPROC_DIR": str(self.multiproc_dir)})
         self.argv = [
             GUNICORN,
             "-c",

@@ -1,0 +1,1 @@
+"""promfork-load: load-test the gateway with many workers and check that /metrics adds up."""

@@ -1,0 +1,87 @@
+"""The request mix, shared by promfork-load and the Locust file: what to send and what it proves."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+
+CHAT = "/v1/chat/completions"
+KINDS = ("plain", "stream", "tool", "client_error", "unmatched")
+DEFAULT_MIX = {"plain": 40, "stream": 30, "tool": 10, "client_error": 10, "unmatched": 10}
+_WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta")
+CALCULATOR = [{"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}}]
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request to send: kind (for the report), method, path, body, and whether it streams."""
+
+    kind: str
+    method: str
+    path: str
+    body: bytes | None
+    stream: bool = False
+
+
+def parse_mix(text: str) -> dict[str, int]:
+    """Parse 'plain=40,stream=30,...' into weights; unknown kinds and bad numbers raise ValueError."""
+    weights = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, _, weight = part.partition("=")
+        if kind not in KINDS:
+            raise ValueError(f"unknown request kind {kind!r}; use: {', '.join(KINDS)}")
+        try:
+            weights[kind] = int(weight)
+        except ValueError:
+            raise ValueError(f"weight of {kind!r} must be a whole number, got {weight!r}") from None
+        if weights[kind] < 0:
+            raise ValueError(f"weight of {kind!r} must not be negative")
+    if not sum(weights.values()):
+        raise ValueError("the mix sends nothing: give at least one kind a positive weight")
+    return weights
+
+
+class RequestMix:
+    """Deterministic stream of RequestSpec drawn by weight (same seed, same requests)."""
+
+    def __init__(self, weights: dict[str, int] | None = None, seed: int = 1) -> None:
+        self.weights = weights or DEFAULT_MIX
+        self._kinds = [k for k in KINDS if self.weights.get(k)]
+        self._cum = [self.weights[k] for k in self._kinds]
+        self._rng = random.Random(seed)  # noqa: S311 (reproducible load, not secrets)
+
+    def next(self) -> RequestSpec:
+        """The next request to send."""
+        rng = self._rng
+        kind = rng.choices(self._kinds, weights=self._cum)[0]
+        return build(kind, rng)
+
+
+def build(kind: str, rng: random.Random) -> RequestSpec:
+    """A request of `kind` with varied content."""
+    model = rng.choice(("mock-small", "mock-large"))
+    words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 40)))
+    messages = [{"role": "user", "content": words}]
+    if kind == "plain":
+        return RequestSpec(kind, "POST", CHAT, _json({"model": model, "messages": messages}))
+    if kind == "stream":
+        return RequestSpec(kind, "POST", CHAT, _json({"model": model, "messages": messages, "stream": True}), True)
+    if kind == "tool":
+        expression = f"{rng.randint(1, 999)} * {rng.randint(1, 999)}"
+        body = {"model": model, "messages": [{"role": "user", "content": expression}], "tools": CALCULATOR}
+        return RequestSpec(kind, "POST", CHAT, _json(body))
+    if kind == "client_error":
+        variant = rng.randrange(3)
+        if variant == 0:
+            return RequestSpec(kind, "POST", CHAT, b'{"model": "mock-small", "messages": [')
+        if variant == 1:
+            return RequestSpec(kind, "POST", CHAT, _json({"model": model, "messages": messages, "tempreature": 1}))
+        return RequestSpec(
+            kind, "POST", CHAT, _json({"model": f"no-such-model-{rng.randrange(10**6)}", "messages": messages})
+        )
+    return RequestSpec(kind, "GET", f"/no/such/page/{rng.randrange(10**9)}", None)
+
+
+def _json(body: dict) -> bytes:
+    return json.dumps(body).encode()
