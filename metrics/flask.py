@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 
-from flask import Flask, request
+from flask import Flask
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
@@ -32,7 +32,6 @@ from metrics.exposition import disabled_app, make_metrics_app
 from metrics.multiproc import ensure_multiprocess_mode
 
 UNMATCHED = "unmatched"
-ROUTE_KEY = "promfork.route"
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 SIZE_BUCKETS = (100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000)
 
@@ -70,17 +69,17 @@ class HttpMetrics:
         else:
             exposed = self.registry
         recorder = _Recorder(settings, self.registry)
-        app.before_request(_remember_route)
         instrumented = _InstrumentedApp(app.wsgi_app, recorder)
         app.wsgi_app = DispatcherMiddleware(
             instrumented, {self.metrics_path: make_metrics_app(exposed, settings.auth_token)}
         )
 
 
-def _remember_route() -> None:
-    rule = request.url_rule
-    if rule is not None:
-        request.environ[ROUTE_KEY] = rule.rule
+def _route(environ: dict) -> str:
+    # Werkzeug leaves the request object in the environ; Flask set its url_rule when
+    # it matched the path (None for unmatched paths and wrong methods).
+    rule = getattr(environ.get("werkzeug.request"), "url_rule", None)
+    return rule.rule if rule is not None else UNMATCHED
 
 
 class _Recorder:
@@ -121,27 +120,21 @@ class _Recorder:
             buckets=SIZE_BUCKETS,
             registry=registry,
         )
-        self._counters: dict[tuple[str, str, str], Counter] = {}
-        self._histograms: dict[tuple[str, str], tuple[Histogram, Histogram, Histogram]] = {}
+        # (method, route, status) -> its labelled children: one dict lookup per request.
+        self._children: dict[tuple[str, str, str], tuple] = {}
 
-    def record(self, method: str, route: str, status: str, seconds: float, request_bytes: int, response_bytes: int):
-        """Record one finished request."""
+    def children(self, method: str, route: str, status: str) -> tuple:
+        """The counter and histograms of one label set, created on first use."""
         key = (method, route, status)
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = self._counters[key] = self.requests.labels(method, route, status)
-        counter.inc()
-        hkey = (method, route)
-        children = self._histograms.get(hkey)
-        if children is None:
-            children = self._histograms[hkey] = (
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = (
+                self.requests.labels(method, route, status),
                 self.duration.labels(method, route),
                 self.request_size.labels(method, route),
                 self.response_size.labels(method, route),
             )
-        children[0].observe(seconds)
-        children[1].observe(request_bytes)
-        children[2].observe(response_bytes)
+        return found
 
 
 class _InstrumentedApp:
@@ -210,20 +203,20 @@ class _Exchange:
         if self.recorded:
             return
         self.recorded = True
+        seconds = time.perf_counter() - self.started
         environ = self.environ
         method = environ.get("REQUEST_METHOD", "")
+        if method not in KNOWN_METHODS:
+            method = "other"
         try:
             request_bytes = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
             request_bytes = 0
-        self.recorder.record(
-            method if method in KNOWN_METHODS else "other",
-            environ.get(ROUTE_KEY, UNMATCHED),
-            self.status,
-            time.perf_counter() - self.started,
-            request_bytes,
-            self.sent,
-        )
+        counter, duration, request_size, response_size = self.recorder.children(method, _route(environ), self.status)
+        counter.inc()
+        duration.observe(seconds)
+        request_size.observe(request_bytes)
+        response_size.observe(self.sent)
 
     def close(self) -> None:
         if self.closed:

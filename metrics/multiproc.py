@@ -74,7 +74,11 @@ def ensure_directory(path: str | None) -> str:
     us and not writable by everyone; it is created (mode 0700) when missing.
     """
     if path is None:
-        created = tempfile.mkdtemp(prefix="promfork-")  # mode 0700
+        # RAM-backed when possible: metric files are mmap'ed and written on every request,
+        # and on a disk the kernel's writeback of those pages costs time for nothing.
+        shm = "/dev/shm"
+        base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
+        created = tempfile.mkdtemp(prefix="promfork-", dir=base)  # mode 0700
         open(os.path.join(created, PRIVATE_MARKER), "w").close()
         return created
     where = f"PROMETHEUS_MULTIPROC_DIR={path!r}"

@@ -72,8 +72,13 @@ class Gateway:
             status = "timeout" if exc.status == 504 else "error"
             self.telemetry.call_finished(self.provider.name, model, status, time.perf_counter() - started)
             raise
-        self.telemetry.call_finished(self.provider.name, model, "ok", time.perf_counter() - started)
-        self.telemetry.usage(self.provider.name, model, completion.prompt_tokens, completion.completion_tokens)
+        self.telemetry.call_succeeded(
+            self.provider.name,
+            model,
+            time.perf_counter() - started,
+            completion.prompt_tokens,
+            completion.completion_tokens,
+        )
         usage.add(completion.prompt_tokens, completion.completion_tokens)
         return completion
 

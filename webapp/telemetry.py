@@ -23,6 +23,15 @@ class LLMTelemetry:
 
     def __init__(self) -> None:
         self.enabled = False
+        self._children: dict[tuple, object] = {}
+
+    def _child(self, metric, *labels: str):
+        # .labels() validates and builds a key on every call; the hot path reuses children.
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def init_app(self, app: Flask) -> None:
         """Create the metrics with the settings and registry the HttpMetrics extension chose."""
@@ -77,24 +86,41 @@ class LLMTelemetry:
         """The model as a label value: itself if the provider serves it, else `other`."""
         return model if model in served else OTHER
 
+    def call_succeeded(self, provider: str, model: str, seconds: float, prompt_tokens: int, completion_tokens: int):
+        """The hot path: one successful provider call with its duration and usage."""
+        if not self.enabled:
+            return
+        bound = self._children.get((provider, model))
+        if bound is None:
+            bound = self._children[(provider, model)] = (
+                self.requests.labels(provider, model, "ok"),
+                self.duration.labels(provider, model),
+                self.tokens.labels(provider, model, "prompt"),
+                self.tokens.labels(provider, model, "completion"),
+            )
+        bound[0].inc()
+        bound[1].observe(seconds)
+        bound[2].inc(prompt_tokens)
+        bound[3].inc(completion_tokens)
+
     def call_finished(self, provider: str, model: str, status: str, seconds: float | None) -> None:
         """One provider call ended with `status` (ok, error, timeout, cancelled, model_not_found)."""
         if not self.enabled:
             return
-        self.requests.labels(provider, model, status).inc()
+        self._child(self.requests, provider, model, status).inc()
         if seconds is not None:
-            self.duration.labels(provider, model).observe(seconds)
+            self._child(self.duration, provider, model).observe(seconds)
 
     def usage(self, provider: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
         """Count the tokens the provider reported."""
         if self.enabled:
-            self.tokens.labels(provider, model, "prompt").inc(prompt_tokens)
-            self.tokens.labels(provider, model, "completion").inc(completion_tokens)
+            self._child(self.tokens, provider, model, "prompt").inc(prompt_tokens)
+            self._child(self.tokens, provider, model, "completion").inc(completion_tokens)
 
     def first_token(self, provider: str, model: str, seconds: float) -> None:
         """A stream produced its first content token after `seconds`."""
         if self.enabled:
-            self.ttft.labels(provider, model).observe(seconds)
+            self._child(self.ttft, provider, model).observe(seconds)
 
     @contextmanager
     def stream_open(self, provider: str) -> Iterator[None]:
@@ -102,7 +128,7 @@ class LLMTelemetry:
         if not self.enabled:
             yield
             return
-        gauge = self.streams.labels(provider)
+        gauge = self._child(self.streams, provider)
         gauge.inc()
         try:
             yield
@@ -112,7 +138,7 @@ class LLMTelemetry:
     def tool_executed(self, tool: str, status: str) -> None:
         """A server-side tool ran with outcome `status` (ok, error)."""
         if self.enabled:
-            self.tools.labels(tool, status).inc()
+            self._child(self.tools, tool, status).inc()
 
 
 def elapsed_since(started: float) -> float:
