@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 
-from flask import Flask
+from flask import Flask, request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
@@ -32,6 +32,7 @@ from metrics.exposition import disabled_app, make_metrics_app
 from metrics.multiproc import ensure_multiprocess_mode
 
 UNMATCHED = "unmatched"
+ROUTE_KEY = "promfork.route"
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 SIZE_BUCKETS = (100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000)
 
@@ -69,17 +70,19 @@ class HttpMetrics:
         else:
             exposed = self.registry
         recorder = _Recorder(settings, self.registry)
+        app.before_request(_remember_route)
         instrumented = _InstrumentedApp(app.wsgi_app, recorder)
         app.wsgi_app = DispatcherMiddleware(
             instrumented, {self.metrics_path: make_metrics_app(exposed, settings.auth_token)}
         )
 
 
-def _route(environ: dict) -> str:
-    # Werkzeug leaves the request object in the environ; Flask set its url_rule when
-    # it matched the path (None for unmatched paths and wrong methods).
-    rule = getattr(environ.get("werkzeug.request"), "url_rule", None)
-    return rule.rule if rule is not None else UNMATCHED
+def _remember_route() -> None:
+    # The rule Flask matched (None for unknown paths and wrong methods), kept in the
+    # environ: the measuring middleware outlives Flask's request context.
+    rule = request.url_rule
+    if rule is not None:
+        request.environ[ROUTE_KEY] = rule.rule
 
 
 class _Recorder:
@@ -212,7 +215,9 @@ class _Exchange:
             request_bytes = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
             request_bytes = 0
-        counter, duration, request_size, response_size = self.recorder.children(method, _route(environ), self.status)
+        counter, duration, request_size, response_size = self.recorder.children(
+            method, environ.get(ROUTE_KEY, UNMATCHED), self.status
+        )
         counter.inc()
         duration.observe(seconds)
         request_size.observe(request_bytes)
