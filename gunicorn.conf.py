@@ -19,7 +19,6 @@ bind = "127.0.0.1:8000"
 workers = int(os.environ.get("WEB_CONCURRENCY") or 4)
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 graceful_timeout = 10
-umask = 0o077  # metric files are readable by this user only
 
 on_starting = hooks.on_starting
 when_ready = hooks.when_ready

@@ -56,6 +56,9 @@ class Tally:
 
     outcomes: list[Outcome] = field(default_factory=list)
     kills: list[float] = field(default_factory=list)
+    reloads: int = 0
+    scrapes: int = 0
+    went_backwards: list[str] = field(default_factory=list)
 
     def in_doubt(self) -> list[Outcome]:
         """Requests whose count a worker kill may have decided either way.
@@ -165,11 +168,14 @@ def _read_usage(outcome: Outcome, spec: RequestSpec, raw: bytes) -> None:
 
 
 async def drive(base: str, mix: RequestMix, concurrency: int, total: int | None, duration: float | None,
-                tally: Tally, app: App | None, kill_every: float | None, progress: bool) -> float:  # fmt: skip
+                tally: Tally, app: App | None, kill_every: float | None, progress: bool,
+                metrics_url: str | None = None, token: str | None = None,
+                hup_every: float | None = None) -> float:  # fmt: skip
     """Send the mix at `concurrency` until `total` requests or `duration` seconds; return elapsed seconds."""
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=120)
+    metrics_headers = {"Authorization": f"Bearer {token}"} if token else {}
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     started = time.perf_counter()
     deadline = started + duration if duration else None
@@ -197,6 +203,30 @@ async def drive(base: str, mix: RequestMix, concurrency: int, total: int | None,
             except (IndexError, OSError):
                 continue
 
+    async def reloader():
+        while True:
+            await asyncio.sleep(hup_every)
+            app.proc.send_signal(signal.SIGHUP)
+            tally.reloads += 1
+
+    async def watcher():
+        # Scrape during the run: no counter may ever be lower than in the scrape before.
+        previous: dict = {}
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                async with session.get(metrics_url, headers=metrics_headers) as resp:
+                    text = await resp.text()
+            except (aiohttp.ClientError, TimeoutError):
+                continue
+            current = monotonic_samples(text)
+            tally.scrapes += 1
+            for key, old in previous.items():
+                new = current.get(key)
+                if new is None or new < old:
+                    tally.went_backwards.append(f"{key}: {old} -> {new}")
+            previous = current
+
     async def reporter():
         while True:
             await asyncio.sleep(0.5)
@@ -206,8 +236,12 @@ async def drive(base: str, mix: RequestMix, concurrency: int, total: int | None,
         side = []
         if kill_every and app is not None:
             side.append(asyncio.create_task(killer()))
+        if hup_every and app is not None:
+            side.append(asyncio.create_task(reloader()))
         if progress:
             side.append(asyncio.create_task(reporter()))
+        if metrics_url:
+            side.append(asyncio.create_task(watcher()))
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
         for task in side:
             task.cancel()
@@ -238,6 +272,16 @@ def scrape(url: str, token: str | None) -> dict[tuple, float]:
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def monotonic_samples(text: str) -> dict[tuple, float]:
+    """Counter and histogram samples aggregated over workers (per-process ones restart with their process)."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        if family.type in ("counter", "histogram") and not family.name.startswith("process_")
         for s in family.samples
     }
 
@@ -292,6 +336,8 @@ def compare(tally: Tally, before: dict, after: dict) -> list[Row]:
     add("llm_tool_executions_total{tool=calculator,status=ok}", tools,
         delta("llm_tool_executions_total", tool="calculator", status="ok"),
         sum(1 for o in doubt if o.kind == "tool"))  # fmt: skip
+    rows.append(Row(f"counters never decreased ({tally.scrapes} scrapes during the run)", 0,
+                    len(tally.went_backwards), 0, not tally.went_backwards))  # fmt: skip
     for gauge in ("llm_streams_active", "http_requests_in_flight"):
         rows.append(Row(f"{gauge} after the run", 0, metric_sum(after, gauge), 0, metric_sum(after, gauge) == 0))
     return rows
@@ -334,6 +380,7 @@ def print_report(tally: Tally, elapsed: float, rows: list[Row]) -> None:
           f"({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))})")  # fmt: skip
     print(f"latency p50 {percentile(latencies, 50) * 1000:.1f} ms  p90 {percentile(latencies, 90) * 1000:.1f} ms  "
           f"p99 {percentile(latencies, 99) * 1000:.1f} ms   failed {failed}   workers killed {len(tally.kills)}  "
+          f"reloads {tally.reloads}  "
           f"in doubt {len(tally.in_doubt())}")  # fmt: skip
     width = max(len(r.what) for r in rows)
     print(f"\n{'check':<{width}}  {'client':>12}  {'metrics':>12}  {'allowed':>8}  verdict")
@@ -355,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument("--workers", type=int, default=4, help="workers when the tool starts the app (default 4)")
     target.add_argument("--max-requests", type=int, default=0, help="recycle workers after this many requests")
     target.add_argument("--kill-workers-every", type=float, metavar="S", help="SIGKILL a random worker every S seconds")
+    target.add_argument("--hup-every", type=float, metavar="S", help="reload the master (HUP) every S seconds")
     target.add_argument(
         "--config", default="gunicorn.conf.py", help="gunicorn config to start (default ./gunicorn.conf.py)"
     )
@@ -376,8 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--mix: {exc}")
     if args.concurrency < 1 or (args.requests is not None and args.requests < 1):
         parser.error("--concurrency and --requests must be positive")
-    if args.kill_workers_every is not None and args.url:
-        parser.error("--kill-workers-every needs the tool to start the app (no --url)")
+    if (args.kill_workers_every is not None or args.hup_every is not None) and args.url:
+        parser.error("--kill-workers-every and --hup-every need the tool to start the app (no --url)")
     total = args.requests if args.requests is not None else (None if args.duration else 2000)
     try:
         import aiohttp  # noqa: F401
@@ -398,8 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         before = scrape(metrics_url, args.token)
         progress = not args.no_progress and sys.stderr.isatty()
-        elapsed = asyncio.run(drive(base, RequestMix(weights, args.seed), args.concurrency, total, args.duration,
-                                    tally, app, args.kill_workers_every, progress))  # fmt: skip
+        mix = RequestMix(weights, args.seed)
+        run = drive(base, mix, args.concurrency, total, args.duration, tally, app, args.kill_workers_every, progress,
+                    metrics_url, args.token, args.hup_every)  # fmt: skip
+        elapsed = asyncio.run(run)
         _, rows = settle(metrics_url, args.token, tally, before)
     except OSError as exc:
         print(f"promfork-load: cannot reach {metrics_url}: {exc}", file=sys.stderr)
@@ -414,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             "requests": len(tally.outcomes),
             "rate_per_s": len(tally.outcomes) / elapsed,
             "kills": len(tally.kills),
+            "reloads": tally.reloads,
             "in_doubt": len(tally.in_doubt()),
             "latency_ms": {
                 f"p{q}": percentile([o.ended - o.started for o in tally.outcomes if o.status], q) * 1000
@@ -423,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{k} {s}": n for (k, s), n in Counter((o.kind, o.status) for o in tally.outcomes).items()
             },
             "checks": [asdict(r) for r in rows],
+            "went_backwards": tally.went_backwards[:100],
             "agree": all(r.ok for r in rows),
         }
         with open(args.json, "w") as out_file:

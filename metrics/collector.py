@@ -31,6 +31,7 @@ class LibraryMetrics:
     """promfork's own counters about scrapes and compaction (safe to update from any thread)."""
 
     def __init__(self, settings: Settings, registry=None) -> None:
+        self.scrape_errors_name = settings.metric_name("metrics_scrape_errors")
         self.scrape_errors = Counter(
             settings.metric_name("metrics_scrape_errors_total"),
             "Metric files that could not be read during a scrape (set aside in quarantine/).",
@@ -78,6 +79,10 @@ class AggregatingCollector(Collector):
             metrics, damaged = self._read()
         if damaged:
             self._set_aside(damaged)
+            # The files were read before the counter moved: show this scrape's finds now.
+            for metric in metrics:
+                if metric.name == self._library.scrape_errors_name:
+                    metric.samples = [s._replace(value=s.value + len(damaged)) for s in metric.samples]
         if self.const_labels:
             for metric in metrics:
                 metric.samples = [s._replace(labels={**s.labels, **self.const_labels}) for s in metric.samples]

@@ -46,6 +46,8 @@ def prepare_environment() -> Settings:
     Call it at the top of gunicorn.conf.py: the variable must be set before
     anything imports prometheus_client, in the master and (by inheritance) in
     every worker. Safe to call again on HUP: the exported directory is reused.
+    With metrics on, it also adds 077 to the process umask so metric files are
+    never readable by other users.
     """
     try:
         settings = load_settings()
@@ -53,6 +55,9 @@ def prepare_environment() -> Settings:
             directory = ensure_directory(settings.multiproc_dir)
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
             settings = load_settings()
+            # prometheus-client creates its files with the process umask: keep them
+            # private to this user (the master and, by inheritance, every worker).
+            os.umask(os.umask(0o077) | 0o077)
     except (ConfigError, MultiprocDirError) as exc:
         sys.exit(f"promfork: configuration error: {exc}")
     global _master

@@ -17,6 +17,9 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+    # During a USR2 upgrade the old and the new master both listen; they serve the
+    # same directory, so either may answer a scrape.
+    allow_reuse_port = True
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import json
 import os
 import signal
@@ -218,3 +219,11 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.1):
         time.sleep(interval)
         result = predicate()
     return result
+
+
+def assert_never_decreases(snapshots: list[dict]) -> None:
+    for before, after in itertools.pairwise(snapshots):
+        for key, old in before.items():
+            new = after.get(key)
+            assert new is not None, f"{key} disappeared between scrapes"
+            assert new >= old, f"{key} went backwards: {old} -> {new}"

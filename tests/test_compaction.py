@@ -50,6 +50,8 @@ class _NullCounter:
 
 
 class _LibraryMetrics:
+    scrape_errors_name = "metrics_scrape_errors"
+
     def __init__(self):
         self.scrape_errors = _NullCounter()
         self.compactions = _NullCounter()

@@ -4,7 +4,6 @@ the aggregated /metrics must equal what the client received, and never go backwa
 from __future__ import annotations
 
 import gzip
-import itertools
 import json
 import random
 import shutil
@@ -14,7 +13,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import chat, counter_samples, request, scrape, value, wait_until
+from conftest import assert_never_decreases, chat, counter_samples, request, scrape, value, wait_until
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
 pytestmark = pytest.mark.integration
@@ -105,14 +104,6 @@ class Scraper(threading.Thread):
             except Exception as exc:  # recorded and asserted on, never swallowed
                 self.errors.append(repr(exc))
             self.stop.wait(0.05)
-
-
-def assert_never_decreases(snapshots: list[dict]) -> None:
-    for before, after in itertools.pairwise(snapshots):
-        for key, old in before.items():
-            new = after.get(key)
-            assert new is not None, f"{key} disappeared between scrapes"
-            assert new >= old, f"{key} went backwards: {old} -> {new}"
 
 
 def test_totals_equal_what_clients_received_under_worker_recycling(gunicorn_factory):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 
@@ -12,6 +14,7 @@ from metrics.config import Settings
 from metrics.flask import HttpMetrics
 from webapp.gateway import Gateway
 from webapp.providers import make_provider
+from webapp.ratelimit import SharedRateLimiter
 from webapp.schema import ApiError, parse_chat_request
 from webapp.settings import GatewaySettings, load_gateway_settings
 from webapp.telemetry import LLMTelemetry
@@ -73,7 +76,37 @@ def readyz():
     return jsonify({"status": "ready", "provider": _gateway().provider.name})
 
 
+def _guard_api() -> None:
+    """API keys and the shared rate limit, for /v1/* only (never /metrics or health)."""
+    if not request.path.startswith("/v1/"):
+        return
+    settings = current_app.extensions["gateway_settings"]
+    client = request.remote_addr or "unknown"
+    if settings.api_keys:
+        header = request.headers.get("Authorization", "")
+        given = header[7:] if header.startswith("Bearer ") else ""
+        if not any(hmac.compare_digest(given.encode(), key.encode()) for key in settings.api_keys):
+            raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)", "invalid_api_key")
+        client = "key:" + hashlib.sha256(given.encode()).hexdigest()[:16]
+    limiter = current_app.extensions.get("rate_limiter")
+    if limiter is not None:
+        decision = limiter.check(client)
+        if not decision.allowed:
+            _gateway().telemetry.rate_limited("rpm")
+            raise RateLimited(decision.retry_after_s, settings.rate_limit_rpm)
+
+
+class RateLimited(ApiError):
+    """429 in OpenAI's shape, with Retry-After."""
+
+    def __init__(self, retry_after_s: int, rpm: int) -> None:
+        super().__init__(429, f"Rate limit reached: {rpm} requests per minute", "rate_limit_exceeded", kind="requests")
+        self.retry_after_s = retry_after_s
+
+
 def _api_error(exc: ApiError):
+    if isinstance(exc, RateLimited):
+        return jsonify(exc.body()), exc.status, {"Retry-After": str(exc.retry_after_s)}
     return jsonify(exc.body()), exc.status
 
 
@@ -103,6 +136,13 @@ def create_app(gateway_settings: GatewaySettings | None = None, metrics_settings
     telemetry = LLMTelemetry()
     telemetry.init_app(app)
     app.extensions["gateway"] = Gateway(make_provider(gateway_settings), telemetry)
+    app.extensions["gateway_settings"] = gateway_settings
+    if gateway_settings.rate_limit_rpm:
+        state = gateway_settings.rate_limit_state or os.path.join(
+            "/dev/shm" if os.access("/dev/shm", os.W_OK) else "/tmp", f"promfork-ratelimit-{os.getppid()}"
+        )
+        app.extensions["rate_limiter"] = SharedRateLimiter(state, gateway_settings.rate_limit_rpm)
+    app.before_request(_guard_api)
     app.register_blueprint(api)
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(HTTPException, _http_error)

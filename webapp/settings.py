@@ -23,6 +23,9 @@ class GatewaySettings:
     openai_models: tuple[str, ...] = DEFAULT_OPENAI_MODELS
     upstream_timeout_s: float = 120.0
     max_body_bytes: int = 1 << 20
+    api_keys: frozenset[str] = frozenset()
+    rate_limit_rpm: int | None = None
+    rate_limit_state: str | None = None
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -52,7 +55,13 @@ def load_gateway_settings(environ: Mapping[str, str] | None = None) -> GatewaySe
         raise ConfigError("OPENAI_API_KEY is required when LLM_PROVIDER=openai")
     models_raw = env.get("OPENAI_MODELS", "").strip()
     models = tuple(m.strip() for m in models_raw.split(",") if m.strip()) if models_raw else DEFAULT_OPENAI_MODELS
+    keys = frozenset(k.strip() for k in env.get("API_KEYS", "").split(",") if k.strip())
+    rpm = _int(env, "RATE_LIMIT_RPM", 0, 0, 1_000_000) or None
+    state = env.get("RATE_LIMIT_STATE", "").strip() or None
     return GatewaySettings(
+        api_keys=keys,
+        rate_limit_rpm=rpm,
+        rate_limit_state=state,
         provider=provider,
         mock_latency_ms=_int(env, "MOCK_LATENCY_MS", 0, 0, 600_000),
         openai_base_url=base_url.rstrip("/"),
@@ -64,10 +73,22 @@ def load_gateway_settings(environ: Mapping[str, str] | None = None) -> GatewaySe
 
 
 def check_gateway_environment() -> GatewaySettings:
-    """Validate the gateway variables in the Gunicorn master, exiting with a clear message if invalid."""
+    """Validate the gateway variables in the Gunicorn master, exiting with a clear message if invalid.
+
+    With RATE_LIMIT_RPM and no RATE_LIMIT_STATE, also create the shared limiter file
+    and export its path, so that every worker (and a USR2 successor) uses the same one.
+    """
     import sys
+    import tempfile
 
     try:
-        return load_gateway_settings()
+        settings = load_gateway_settings()
     except ConfigError as exc:
         sys.exit(f"promfork: configuration error: {exc}")
+    if settings.rate_limit_rpm and not settings.rate_limit_state:
+        base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        fd, path = tempfile.mkstemp(prefix="promfork-ratelimit-", dir=base)
+        os.close(fd)
+        os.environ["RATE_LIMIT_STATE"] = path
+        settings = load_gateway_settings()
+    return settings

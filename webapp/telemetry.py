@@ -74,6 +74,12 @@ class LLMTelemetry:
             multiprocess_mode="livesum",
             registry=registry,
         )
+        self.rejected = Counter(
+            name("ratelimit_rejected_total"),
+            "Requests refused with 429 by the rate limit, by reason (rpm: RATE_LIMIT_RPM per client).",
+            ["reason"],
+            registry=registry,
+        )
         self.tools = Counter(
             name("llm_tool_executions_total"),
             "Server-side tool executions, by tool and outcome (ok, error).",
@@ -134,6 +140,11 @@ class LLMTelemetry:
             yield
         finally:
             gauge.dec()
+
+    def rate_limited(self, reason: str) -> None:
+        """A request was refused by the rate limit."""
+        if self.enabled:
+            self._child(self.rejected, reason).inc()
 
     def tool_executed(self, tool: str, status: str) -> None:
         """A server-side tool ran with outcome `status` (ok, error)."""
