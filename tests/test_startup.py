@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -145,3 +146,30 @@ def test_import_order_check_in_a_plain_process(tmp_path: Path):
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(), capture_output=True, text=True)
     assert proc.returncode != 0 and "ImportOrderError" in proc.stderr
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    """A 64 KiB tmpfs filled to the brim (needs root and mount; skipped where not allowed)."""
+    mountpoint = tmp_path / "full"
+    mountpoint.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mountpoint)],
+                      capture_output=True).returncode != 0:  # fmt: skip
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        fd = os.open(mountpoint / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 4096)
+        os.close(fd)
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+def test_full_disk_is_a_clear_start_up_error(full_disk: Path):
+    with pytest.raises(MultiprocDirError, match="disk is full"):
+        ensure_directory(str(full_disk))
+    output = _gunicorn_fails({"PROMETHEUS_MULTIPROC_DIR": str(full_disk)})
+    assert "PROMETHEUS_MULTIPROC_DIR" in output and "disk is full" in output
+    assert "Traceback" not in output
