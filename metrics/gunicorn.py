@@ -14,6 +14,7 @@ outright (SIGKILL, OOM) leaves none.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -53,6 +54,9 @@ def prepare_environment() -> Settings:
         settings = load_settings()
         if settings.enabled:
             directory = ensure_directory(settings.multiproc_dir)
+            if settings.multiproc_dir is None:
+                # Removed by on_exit normally; this covers a start that fails before that.
+                atexit.register(_remove_if_unused, directory, os.getpid())
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
             settings = load_settings()
             # prometheus-client creates its files with the process umask: keep them
@@ -66,6 +70,16 @@ def prepare_environment() -> Settings:
     else:
         _master.settings = settings
     return settings
+
+
+def _remove_if_unused(directory: str, creator: int) -> None:
+    """At exit of the process that created a private directory: delete it unless a master uses it."""
+    if os.getpid() != creator or not os.path.isdir(directory) or not is_private(directory):
+        return  # a forked worker inherits atexit handlers: never act there
+    lease = MasterLease(directory)
+    if lease.acquire():
+        shutil.rmtree(directory, ignore_errors=True)
+    lease.release_if_last()
 
 
 def _state() -> _MasterState:

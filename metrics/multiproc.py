@@ -164,6 +164,10 @@ class MasterLease:
         """Release the lease; return True when no other master (or its workers) still holds it."""
         if self._fd is None:
             return False
+        if not os.path.exists(self.path):
+            os.close(self._fd)
+            self._fd = None
+            return True
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             last = True

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import GUNICORN, ROOT, clean_env, free_port
+from conftest import GUNICORN, ROOT, clean_env, free_port, request, wait_until
 
 from metrics.config import ConfigError, load_settings
 from metrics.multiproc import MasterLease, MultiprocDirError, ensure_directory, wipe_stale_files
@@ -120,9 +122,36 @@ def _gunicorn_fails(env: dict, conf: str = "gunicorn.conf.py") -> str:
     ],
 )
 def test_gunicorn_refuses_to_start_with_bad_settings(env, named):
+    before = _private_dirs()
     output = _gunicorn_fails(env)
     assert named in output
     assert "Traceback" not in output
+    assert _private_dirs() == before, "a failed start left its private metrics directory behind"
+
+
+def _private_dirs() -> set[str]:
+    return set(glob.glob("/dev/shm/promfork-*") + glob.glob(os.path.join(tempfile.gettempdir(), "promfork-*")))
+
+
+@pytest.mark.integration
+def test_private_directory_is_removed_when_the_master_exits(tmp_path: Path):
+    before = _private_dirs()
+    port = free_port()
+    argv = [GUNICORN, "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}", "--workers", "2", "--no-control-socket"]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=clean_env(RATE_LIMIT_RPM="60"), stderr=subprocess.PIPE)
+    assert wait_until(lambda: _answers(port), timeout=20)
+    created = _private_dirs() - before
+    assert len(created) == 1 and os.path.exists(os.path.join(created.pop(), "ratelimit.state"))
+    proc.terminate()
+    proc.wait(30)
+    assert _private_dirs() == before
+
+
+def _answers(port: int) -> bool:
+    try:
+        return request("GET", port, "/healthz", timeout=1)[0] == 200
+    except OSError:
+        return False
 
 
 @pytest.mark.integration

@@ -78,6 +78,7 @@ def check_gateway_environment() -> GatewaySettings:
     With RATE_LIMIT_RPM and no RATE_LIMIT_STATE, also create the shared limiter file
     and export its path, so that every worker (and a USR2 successor) uses the same one.
     """
+    import atexit
     import sys
     import tempfile
 
@@ -86,9 +87,15 @@ def check_gateway_environment() -> GatewaySettings:
     except ConfigError as exc:
         sys.exit(f"promfork: configuration error: {exc}")
     if settings.rate_limit_rpm and not settings.rate_limit_state:
-        base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-        fd, path = tempfile.mkstemp(prefix="promfork-ratelimit-", dir=base)
-        os.close(fd)
+        metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if metrics_dir:  # private to this deployment, and it lives as long as the directory
+            path = os.path.join(metrics_dir, "ratelimit.state")
+        else:
+            base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+            fd, path = tempfile.mkstemp(prefix="promfork-ratelimit-", dir=base)
+            os.close(fd)
+            creator = os.getpid()
+            atexit.register(lambda: os.getpid() == creator and os.path.exists(path) and os.unlink(path))
         os.environ["RATE_LIMIT_STATE"] = path
         settings = load_gateway_settings()
     return settings
