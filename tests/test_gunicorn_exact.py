@@ -172,3 +172,25 @@ def test_exposition_formats_and_promtool(gunicorn_factory):
     assert promtool, "promtool missing: apt-get install prometheus (make test does it when run as root)"
     check = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=30)
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+
+
+def test_gthread_workers_are_exact_too(gunicorn_factory):
+    # Several threads of one process share its metric files.
+    server = gunicorn_factory(
+        "--worker-class", "gthread", "--threads", "4", "--max-requests", "150", "--max-requests-jitter", "30", workers=2
+    )
+    tally = ClientTally()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(lambda i: tally.send(server.port, i), range(1500)))
+    assert not tally.problems, tally.problems[:5]
+
+    def settled():
+        fams = scrape(server.port)
+        counts = {s: value(fams, "http_requests_total", route=CHAT, status=str(s)) for s in tally.chat_status}
+        return fams if counts == dict(tally.chat_status) else None
+
+    fams = wait_until(settled)
+    assert fams is not None, "gthread totals never matched the client's responses"
+    assert value(fams, "llm_tokens_total", type="prompt") == tally.prompt_tokens
+    assert value(fams, "llm_tokens_total", type="completion") == tally.completion_tokens
+    assert value(fams, "http_requests_in_flight") == 0 and value(fams, "llm_streams_active") == 0
