@@ -263,6 +263,13 @@ class Compactor:
         """Fold every pending pid once the lock is free; None (pids kept pending) if it stays busy."""
         with self._mutex:
             pids = set(self._pending)
+        # A dead worker's pid may already belong to a new worker: its files are then
+        # live again (prometheus-client continues a file it finds), so leave them.
+        reused = pids & self._protected()
+        if reused:
+            with self._mutex:
+                self._pending -= reused
+            pids -= reused
         with self.lock.try_exclusive(self._lock_wait) as locked:
             if not locked:
                 return None

@@ -257,3 +257,14 @@ def test_compaction_waits_while_a_scrape_holds_the_lock(mpdir):
         assert compactor.run_once() is None  # busy: gives up at once instead of blocking
     assert compactor.run_once().pids
     assert dead_pids(mpdir) == set()
+
+
+def test_a_reused_pid_is_never_folded_while_its_new_owner_lives(mpdir):
+    wrote = run_dead_workers(mpdir, 2)
+    reused = wrote[0]["pid"]
+    compactor = compaction.Compactor(str(mpdir), protected=lambda: {reused})
+    for w in wrote:
+        compactor.worker_died(w["pid"])
+    result = compactor.run_once()
+    assert reused not in result.pids and wrote[1]["pid"] in result.pids
+    assert reused in dead_pids(mpdir)
