@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -201,4 +202,15 @@ def test_full_disk_is_a_clear_start_up_error(full_disk: Path):
         ensure_directory(str(full_disk))
     output = _gunicorn_fails({"PROMETHEUS_MULTIPROC_DIR": str(full_disk)})
     assert "PROMETHEUS_MULTIPROC_DIR" in output and "disk is full" in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.integration
+def test_metrics_port_in_use_is_a_clear_start_up_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        output = _gunicorn_fails({"METRICS_PORT": str(port)})
+    assert "METRICS_PORT" in output and str(port) in output
     assert "Traceback" not in output
