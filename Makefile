@@ -31,8 +31,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check metrics webapp loadtest tests bench gunicorn.conf.py
 	$(VENV)/bin/ruff format --check metrics webapp loadtest tests bench gunicorn.conf.py
 
+# Benchmarks print ratios measured in one run; not part of `make test`.
 bench: $(STAMP)
+	@if ! command -v wrk >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
+	fi
+	$(PY) -m pip install --quiet prometheus-flask-exporter
 	$(PY) bench/scrape_cost.py
+	$(PY) bench/master_port.py
+	$(PY) bench/overhead.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
