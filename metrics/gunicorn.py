@@ -76,6 +76,9 @@ def _remove_if_unused(directory: str, creator: int) -> None:
     """At exit of the process that created a private directory: delete it unless a master uses it."""
     if os.getpid() != creator or not os.path.isdir(directory) or not is_private(directory):
         return  # a forked worker inherits atexit handlers: never act there
+    if _master is not None and _master.lease is not None:
+        _master.lease.release_if_last()  # our own hold would make us look like a second master
+        _master.lease = None
     lease = MasterLease(directory)
     if lease.acquire():
         shutil.rmtree(directory, ignore_errors=True)

@@ -79,7 +79,7 @@ def ensure_directory(path: str | None) -> str:
         shm = "/dev/shm"
         base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
         created = tempfile.mkdtemp(prefix="promfork-", dir=base)  # mode 0700
-        open(os.path.join(created, PRIVATE_MARKER), "w").close()
+        os.close(os.open(os.path.join(created, PRIVATE_MARKER), os.O_WRONLY | os.O_CREAT, 0o600))
         return created
     where = f"PROMETHEUS_MULTIPROC_DIR={path!r}"
     if os.path.islink(path):

@@ -211,6 +211,8 @@ def test_metrics_port_in_use_is_a_clear_start_up_error():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        before = _private_dirs()
         output = _gunicorn_fails({"METRICS_PORT": str(port)})
     assert "METRICS_PORT" in output and str(port) in output
+    assert _private_dirs() == before
     assert "Traceback" not in output
