@@ -112,7 +112,7 @@ class AggregatingCollector(Collector):
 
     def _set_aside(self, names: list[str]) -> None:
         self._library.count_scrape_errors(len(names))
-        with self.lock.try_exclusive() as locked:
+        with self.lock.try_exclusive(wait=0.5) as locked:
             if not locked:
                 log.error("promfork: damaged metric files skipped this scrape: %s", ", ".join(names))
                 return

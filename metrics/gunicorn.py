@@ -203,7 +203,9 @@ def post_fork(server, worker) -> None:
     from metrics.process import record_slot
 
     ensure_multiprocess_mode()
-    record_slot(state.directory, str(worker.promfork_slot), os.getpid())
+    slot = getattr(worker, "promfork_slot", None)  # None when pre_fork is not assigned
+    if slot is not None:
+        record_slot(state.directory, str(slot), os.getpid())
 
 
 def worker_abort(worker) -> None:
