@@ -8,7 +8,11 @@ Runs the same chat handler under Gunicorn (2 sync workers) as
   exporter      prometheus-flask-exporter (if installed)
 driven by wrk (Debian package) with a POST of a chat completion, alternating the
 configurations for several rounds so that machine noise hits all of them alike.
-Prints median requests/s, the ratio to metrics-off and the added time per request.
+With taskset and two or more CPUs, the server is pinned to one CPU and wrk to
+another, so the server's CPU cost is what is measured and the two never fight
+for a core. Prints median requests/s, the median of each round's ratio to
+metrics-off (rounds are minutes apart at most; ratios within a round are the
+fair comparison) and the added time per request.
 
     python bench/overhead.py [--rounds 5] [--seconds 5] [--connections 16]
 """
@@ -31,6 +35,9 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUNICORN = os.path.join(os.path.dirname(sys.executable), "gunicorn")
+PINNED = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+SERVER_CPU = ["taskset", "-c", "1"] if PINNED else []
+LOAD_CPU = ["taskset", "-c", "0"] if PINNED else []
 BODY = json.dumps({"model": "mock-small", "messages": [{"role": "user", "content": "how fast is this gateway"}]})
 
 
@@ -65,7 +72,8 @@ def run_one(name: str, argv: list[str], env: dict[str, str], seconds: int, conne
     os.makedirs(environ["PROMETHEUS_MULTIPROC_DIR"], mode=0o700)
     cmd = [GUNICORN, *argv, "--bind", f"127.0.0.1:{port}", "--workers", "2", "--control-socket",
            os.path.join(tmp, "ctl.sock"), "--log-level", "warning", "--worker-tmp-dir", tmp]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(SERVER_CPU + cmd, cwd=ROOT, env=environ, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         for _ in range(100):
@@ -77,9 +85,9 @@ def run_one(name: str, argv: list[str], env: dict[str, str], seconds: int, conne
                 time.sleep(0.1)
         else:
             raise RuntimeError(f"{name} did not start")
-        subprocess.run(["wrk", "-t1", f"-c{connections}", "-d1s", "-s", lua, url], capture_output=True, check=True)
-        out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", lua, url],
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        wrk = [*LOAD_CPU, "wrk", "-t1", f"-c{connections}", "-s", lua]
+        subprocess.run([*wrk, "-d1s", url], capture_output=True, check=True)
+        out = subprocess.run([*wrk, f"-d{seconds}s", url], capture_output=True, text=True, check=True).stdout
         non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
         if non2xx:
             raise RuntimeError(f"{name}: {non2xx.group(1)} failed responses")
@@ -111,11 +119,16 @@ def main() -> None:
             print(f"round {round_no + 1}: {name:<13} {rate:8.0f} req/s", flush=True)
     os.unlink(lua.name)
     off = statistics.median(runs["metrics-off"])
-    print(f"\n{'configuration':<14} {'req/s (median)':>15} {'vs metrics-off':>15} {'added us/request':>17}")
+    cpus = 1 if PINNED else 2
+    print(f"\nserver pinned to one CPU, wrk to another: {PINNED}")
+    header = f"{'configuration':<14} {'req/s (median)':>15} {'vs metrics-off':>15} {'(min-max)':>15}"
+    print(f"{header} {'added us/request':>17}")
     for name, rates in runs.items():
-        rate = statistics.median(rates)
-        added = (1 / rate - 1 / off) * 1e6 * 2  # 2 workers: per-request time in a worker
-        print(f"{name:<14} {rate:>15.0f} {rate / off:>14.3f}x {added:>17.1f}")
+        ratios = [r / o for r, o in zip(rates, runs["metrics-off"], strict=True)]
+        ratio = statistics.median(ratios)
+        added = (1 / (off * ratio) - 1 / off) * 1e6 * cpus  # CPU time per request on the server
+        spread = f"{min(ratios):.3f}-{max(ratios):.3f}"
+        print(f"{name:<14} {statistics.median(rates):>15.0f} {ratio:>14.3f}x {spread:>15} {added:>17.1f}")
 
 
 if __name__ == "__main__":

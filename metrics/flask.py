@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 
-from flask import Flask, request
+from flask import Flask
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
@@ -70,19 +70,41 @@ class HttpMetrics:
         else:
             exposed = self.registry
         recorder = _Recorder(settings, self.registry)
-        app.before_request(_remember_route)
+        app.request_class = _route_recording(app.request_class)
         instrumented = _InstrumentedApp(app.wsgi_app, recorder)
         app.wsgi_app = DispatcherMiddleware(
             instrumented, {self.metrics_path: make_metrics_app(exposed, settings.auth_token)}
         )
 
 
-def _remember_route() -> None:
-    # The rule Flask matched (None for unknown paths and wrong methods), kept in the
-    # environ: the measuring middleware outlives Flask's request context.
-    rule = request.url_rule
-    if rule is not None:
-        request.environ[ROUTE_KEY] = rule.rule
+def _route_recording(request_class: type) -> type:
+    """The app's request class, also leaving the matched rule template in the WSGI environ.
+
+    Flask assigns ``request.url_rule`` when it has matched the path (never for
+    unknown paths or wrong methods). The measuring middleware outlives Flask's
+    request context, so the template is copied where it can read it. A property
+    costs nothing per request; a before_request hook costs Flask's per-call
+    coroutine check, which on this hot path was measurable.
+    """
+    if getattr(request_class, "_promfork_routes", False):
+        return request_class
+
+    class RouteRecordingRequest(request_class):
+        _promfork_routes = True
+
+        @property
+        def url_rule(self):
+            return self.__dict__.get("_promfork_url_rule")
+
+        @url_rule.setter
+        def url_rule(self, rule) -> None:
+            self.__dict__["_promfork_url_rule"] = rule
+            if rule is not None:
+                self.environ[ROUTE_KEY] = rule.rule
+
+    RouteRecordingRequest.__name__ = request_class.__name__
+    RouteRecordingRequest.__qualname__ = request_class.__qualname__
+    return RouteRecordingRequest
 
 
 class _Recorder:
@@ -187,7 +209,7 @@ class _Exchange:
     def start_response(self, status: str, headers: list, exc_info=None):
         self.status = status[:3]
         for name, value in headers:
-            if name.lower() == "content-length":
+            if name == "Content-Length" or name.lower() == "content-length":
                 try:
                     self.length = int(value)
                 except ValueError:
@@ -232,5 +254,6 @@ class _Exchange:
             if close is not None:
                 close()
         finally:
-            self._record()
+            if not self.recorded:
+                self._record()
             self.recorder.in_flight.dec()
