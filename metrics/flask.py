@@ -52,6 +52,8 @@ class HttpMetrics:
 
         Multiprocess mode (PROMETHEUS_MULTIPROC_DIR set, as under gunicorn.conf.py)
         aggregates all workers; otherwise the app gets a private in-memory registry.
+        Set a custom ``app.request_class`` before calling this: it is subclassed to
+        capture route templates.
         """
         settings = settings or load_settings()
         self.settings = settings
