@@ -60,6 +60,7 @@ class Gunicorn:
     """A running `gunicorn -c gunicorn.conf.py` with its own multiprocess directory and log."""
 
     def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None, workers: int = 4) -> None:
+        self.workers = workers
         self.port = free_port()
         self.tmp = tmp
         env = env or {}
@@ -89,10 +90,16 @@ class Gunicorn:
                 raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()}")
             with contextlib.suppress(OSError):
                 status, _, _ = request("GET", self.port, "/healthz", timeout=1)
-                if status == 200:
+                if status == 200 and self._all_workers_booted():
                     return self
             time.sleep(0.1)
         raise RuntimeError(f"gunicorn did not answer within {wait}s:\n{self.log()}")
+
+    def _all_workers_booted(self) -> bool:
+        # Each worker records its slot at the end of post_fork; without metrics there is no marker.
+        if self.env.get("METRICS_ENABLED", "true").lower() in ("false", "0", "no", "off"):
+            return True
+        return len(list(self.multiproc_dir.glob("[0-9]*.slot"))) >= self.workers
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

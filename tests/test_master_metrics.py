@@ -54,6 +54,12 @@ def test_master_port_serves_the_same_exposition_and_workers_do_not_hold_it(gunic
     status, headers, _ = request("GET", mport, "/metrics", headers={**auth, "Accept": "application/openmetrics-text"})
     assert status == 200 and headers["content-type"].startswith("application/openmetrics-text")
 
+    # Fork copies every descriptor; post_fork closes the listener right away. Check once
+    # every worker is past post_fork (it records its slot file after closing).
+    slots = wait_until(
+        lambda: {p.name for p in server.multiproc_dir.glob("[0-9]*.slot")} == {"0.slot", "1.slot", "2.slot"}
+    )
+    assert slots, "workers did not finish booting"
     inode = listening_inode(mport)
     assert inode is not None and inode in socket_inodes(server.proc.pid)
     for pid in server.worker_pids():
