@@ -153,7 +153,10 @@ def test_totals_equal_what_clients_received_under_worker_recycling(gunicorn_fact
 def test_exposition_formats_and_promtool(gunicorn_factory):
     server = gunicorn_factory(workers=2)
     for i in range(20):
-        chat(server.port, make_request(i)[2] if make_request(i)[0] in ("plain", "stream") else make_request(0)[2])
+        chat(
+            server.port,
+            {"model": "mock-small", "messages": [{"role": "user", "content": f"m{i}"}], "stream": i % 2 == 0},
+        )
 
     status, headers, body = request("GET", server.port, "/metrics")
     assert status == 200

@@ -164,7 +164,6 @@ def test_rate_limit_holds_across_all_workers_together(gunicorn_factory):
     rpm = 30
     server = gunicorn_factory(env={"RATE_LIMIT_RPM": str(rpm)}, workers=4)
     body = {"model": "mock-small", "messages": [{"role": "user", "content": "hi"}]}
-    results = []
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(lambda _: request("POST", server.port, CHAT, body), range(120)))

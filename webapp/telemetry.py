@@ -6,7 +6,6 @@ is one of the models it serves or ``other``, `tool` is a server-side tool name.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -150,8 +149,3 @@ class LLMTelemetry:
         """A server-side tool ran with outcome `status` (ok, error)."""
         if self.enabled:
             self._child(self.tools, tool, status).inc()
-
-
-def elapsed_since(started: float) -> float:
-    """Seconds since a time.perf_counter() reading."""
-    return time.perf_counter() - started
