@@ -6,15 +6,19 @@ Runs the same chat handler under Gunicorn (2 sync workers) as
   plain         a bare Flask app with the same handler, no metrics code
   stock-recipe  prometheus-client's multiprocess docs recipe (before/after_request)
   exporter      prometheus-flask-exporter (if installed)
-driven by wrk (Debian package) with a POST of a chat completion, alternating the
-configurations for several rounds so that machine noise hits all of them alike.
-With taskset and two or more CPUs, the server is pinned to one CPU and wrk to
-another, so the server's CPU cost is what is measured and the two never fight
-for a core. Prints median requests/s, the median of each round's ratio to
-metrics-off (rounds are minutes apart at most; ratios within a round are the
-fair comparison) and the added time per request.
+  promfork@REF  with --before REF: gunicorn.conf.py of an older revision (git worktree)
+driven by wrk (Debian package) with keep-alive POSTs of a chat completion.
 
-    python bench/overhead.py [--rounds 5] [--seconds 5] [--connections 16]
+Every server is started once and stays up; rounds then load one server at a time
+for a few seconds, rotating the order each round, so drift on a shared machine
+hits every configuration alike. Ratios are taken within a round (each against
+that round's metrics-off) and their median and interquartile range printed.
+With taskset and two or more CPUs every server is pinned to one CPU and wrk to
+another: what is compared is the server's CPU time per request, and the added
+time per request follows from the throughput. Worker memory (RSS, summed over
+the two workers) is read from /proc after the run.
+
+    python bench/overhead.py [--rounds 12] [--seconds 2] [--connections 16] [--before REF]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUNICORN = os.path.join(os.path.dirname(sys.executable), "gunicorn")
@@ -39,6 +44,71 @@ PINNED = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
 SERVER_CPU = ["taskset", "-c", "1"] if PINNED else []
 LOAD_CPU = ["taskset", "-c", "0"] if PINNED else []
 BODY = json.dumps({"model": "mock-small", "messages": [{"role": "user", "content": "how fast is this gateway"}]})
+WORKERS = 2
+
+
+@dataclass
+class Server:
+    """One configuration's running Gunicorn and what was measured against it."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str = ROOT
+    rates: list[float] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    tmp: str = ""
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/chat/completions"
+
+    def start(self) -> None:
+        self.port = free_port()
+        # Same place for every configuration: RAM-backed, as deploy/ recommends for metric files.
+        self.tmp = tempfile.mkdtemp(prefix="bench-overhead-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        environ = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=os.path.join(self.tmp, "mp"), **self.env)
+        os.makedirs(environ["PROMETHEUS_MULTIPROC_DIR"], mode=0o700)
+        cmd = [GUNICORN, *self.argv, "--bind", f"127.0.0.1:{self.port}", "--workers", str(WORKERS),
+               "--control-socket", os.path.join(self.tmp, "ctl.sock"), "--log-level", "warning",
+               "--worker-tmp-dir", self.tmp]  # fmt: skip
+        self.proc = subprocess.Popen(
+            SERVER_CPU + cmd, cwd=self.cwd, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    def wait_ready(self) -> None:
+        request = urllib.request.Request(self.url, BODY.encode(), {"Content-Type": "application/json"})
+        for _ in range(150):
+            try:
+                urllib.request.urlopen(request, timeout=1).read()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not start")
+
+    def worker_rss_mib(self) -> float:
+        """Resident memory of the workers (children of the master), summed."""
+        total = 0
+        for pid in children(self.proc.pid):
+            try:
+                with open(f"/proc/{pid}/status") as status:
+                    total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+            except (OSError, StopIteration):
+                pass
+        return total / 1024
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -47,88 +117,105 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def configs() -> dict[str, tuple[list[str], dict[str, str]]]:
-    ref = ["-c", "bench/apps/gunicorn_ref.conf.py"]
-    found = {
-        "promfork": (["-c", "gunicorn.conf.py"], {}),
-        "metrics-off": (["-c", "gunicorn.conf.py"], {"METRICS_ENABLED": "false"}),
-        "plain": ([*ref, "bench.apps.plain:create_app()"], {}),
-        "stock-recipe": ([*ref, "bench.apps.stock:create_app()"], {}),
-    }
-    try:
-        import prometheus_flask_exporter  # noqa: F401
-
-        found["exporter"] = ([*ref, "bench.apps.exporter:create_app()"], {})
-    except ImportError:
-        print("prometheus-flask-exporter not installed: pip install prometheus-flask-exporter to compare it")
+def children(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc (the master's workers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except OSError:
+                pass
     return found
 
 
-def run_one(name: str, argv: list[str], env: dict[str, str], seconds: int, connections: int, lua: str) -> float:
-    port = free_port()
-    # Same place for every configuration: RAM-backed, as deploy/ recommends for metric files.
-    tmp = tempfile.mkdtemp(prefix="bench-overhead-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    environ = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=os.path.join(tmp, "mp"), **env)
-    os.makedirs(environ["PROMETHEUS_MULTIPROC_DIR"], mode=0o700)
-    cmd = [GUNICORN, *argv, "--bind", f"127.0.0.1:{port}", "--workers", "2", "--control-socket",
-           os.path.join(tmp, "ctl.sock"), "--log-level", "warning", "--worker-tmp-dir", tmp]  # fmt: skip
-    proc = subprocess.Popen(SERVER_CPU + cmd, cwd=ROOT, env=environ, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+def configurations(before: str | None, worktree: str | None) -> list[Server]:
+    ref = ["-c", "bench/apps/gunicorn_ref.conf.py"]
+    found = [
+        Server("promfork", ["-c", "gunicorn.conf.py"], {}),
+        Server("metrics-off", ["-c", "gunicorn.conf.py"], {"METRICS_ENABLED": "false"}),
+        Server("plain", [*ref, "bench.apps.plain:create_app()"], {}),
+        Server("stock-recipe", [*ref, "bench.apps.stock:create_app()"], {}),
+    ]
     try:
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        for _ in range(100):
-            try:
-                req = urllib.request.Request(url, BODY.encode(), {"Content-Type": "application/json"})
-                urllib.request.urlopen(req, timeout=1).read()
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            raise RuntimeError(f"{name} did not start")
-        wrk = [*LOAD_CPU, "wrk", "-t1", f"-c{connections}", "-s", lua]
-        subprocess.run([*wrk, "-d1s", url], capture_output=True, check=True)
-        out = subprocess.run([*wrk, f"-d{seconds}s", url], capture_output=True, text=True, check=True).stdout
-        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-        if non2xx:
-            raise RuntimeError(f"{name}: {non2xx.group(1)} failed responses")
-        return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        shutil.rmtree(tmp, ignore_errors=True)
+        import prometheus_flask_exporter  # noqa: F401
+
+        found.append(Server("exporter", [*ref, "bench.apps.exporter:create_app()"], {}))
+    except ImportError:
+        print("prometheus-flask-exporter not installed: pip install prometheus-flask-exporter to compare it")
+    if before and worktree:
+        found.append(Server(f"promfork@{before}", ["-c", "gunicorn.conf.py"], {}, cwd=worktree))
+    return found
+
+
+def wrk(server: Server, seconds: float, connections: int, lua: str) -> float:
+    cmd = [*LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", lua, server.url]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    failed = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if failed:
+        raise RuntimeError(f"{server.name}: {failed.group(1)} failed responses")
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+
+def add_worktree(ref: str) -> str:
+    where = tempfile.mkdtemp(prefix="bench-before-")
+    subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", "-q", where, ref], check=True)
+    return where
+
+
+def report(servers: list[Server]) -> None:
+    off = next(s for s in servers if s.name == "metrics-off")
+    off_rate = statistics.median(off.rates)
+    cpus = 1 if PINNED else 2
+    print(f"\nserver pinned to one CPU, wrk to another: {PINNED}; {len(off.rates)} rounds")
+    print(f"{'configuration':<20} {'req/s':>7} {'vs metrics-off':>15} {'(middle half)':>14} "
+          f"{'added us/req':>13} {'workers RSS MiB':>16}")  # fmt: skip
+    for server in servers:
+        ratios = sorted(r / o for r, o in zip(server.rates, off.rates, strict=True))
+        ratio = statistics.median(ratios)
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratio, ratio, ratio]
+        added = (1 / (off_rate * ratio) - 1 / off_rate) * 1e6 * cpus  # server CPU time per request
+        spread = f"{quartiles[0]:.3f}-{quartiles[2]:.3f}"
+        print(f"{server.name:<20} {statistics.median(server.rates):>7.0f} {ratio:>14.3f}x {spread:>14} "
+              f"{added:>13.1f} {server.worker_rss_mib():>16.1f}")  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--seconds", type=float, default=2)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--before", metavar="REF", help="also measure gunicorn.conf.py of this git revision")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk")
+    worktree = add_worktree(args.before) if args.before else None
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
         lua.write(
             f'wrk.method = "POST"\nwrk.body = {json.dumps(BODY)}\nwrk.headers["Content-Type"] = "application/json"\n'
         )
-    runs: dict[str, list[float]] = {}
-    plan = configs()
-    for round_no in range(args.rounds):
-        for name, (argv, env) in plan.items():
-            rate = run_one(name, argv, env, args.seconds, args.connections, lua.name)
-            runs.setdefault(name, []).append(rate)
-            print(f"round {round_no + 1}: {name:<13} {rate:8.0f} req/s", flush=True)
-    os.unlink(lua.name)
-    off = statistics.median(runs["metrics-off"])
-    cpus = 1 if PINNED else 2
-    print(f"\nserver pinned to one CPU, wrk to another: {PINNED}")
-    header = f"{'configuration':<14} {'req/s (median)':>15} {'vs metrics-off':>15} {'(min-max)':>15}"
-    print(f"{header} {'added us/request':>17}")
-    for name, rates in runs.items():
-        ratios = [r / o for r, o in zip(rates, runs["metrics-off"], strict=True)]
-        ratio = statistics.median(ratios)
-        added = (1 / (off * ratio) - 1 / off) * 1e6 * cpus  # CPU time per request on the server
-        spread = f"{min(ratios):.3f}-{max(ratios):.3f}"
-        print(f"{name:<14} {statistics.median(rates):>15.0f} {ratio:>14.3f}x {spread:>15} {added:>17.1f}")
+    servers = configurations(args.before, worktree)
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait_ready()
+            wrk(server, 1, args.connections, lua.name)  # warm-up, not counted
+        for round_no in range(args.rounds):
+            shift = round_no % len(servers)
+            for server in servers[shift:] + servers[:shift]:
+                server.rates.append(wrk(server, args.seconds, args.connections, lua.name))
+            line = "  ".join(f"{s.name} {s.rates[-1]:.0f}" for s in servers)
+            print(f"round {round_no + 1:>2}: {line}", flush=True)
+        report(servers)
+    finally:
+        for server in servers:
+            server.stop()
+        os.unlink(lua.name)
+        if worktree:
+            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", worktree], check=False)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,25 @@ place of the pid, so the stock ``MultiProcessCollector`` reads them as one more
 ``sum`` gauges) the timestamp double, which prometheus-client ignores for those
 kinds, holds the rounding remainder of the folded total (value + remainder is
 the exact sum to about 106 bits), so folding never perturbs a total by an ulp.
-Reading and writing go through prometheus-client's own ``MmapedDict``;
-``tests/test_dbfiles.py`` pins the layout of the installed version.
+
+Byte layout (little-endian on the usual hosts; native order, as ``struct`` packs):
+offset 0 an int32 "bytes used" (entries end there), 4 bytes of padding; then per
+entry an int32 key length, the UTF-8 key padded with spaces so that the value
+starts 8-byte aligned, and two doubles (value, timestamp). A new entry is written
+before the "used" header grows over it, so a concurrent reader never sees half of
+one. Files start at 64 KiB and double when full.
+
+Archive reading and writing go through prometheus-client's own ``MmapedDict``.
+``ValueFile`` is the write path of the workers' hot loop: the same layout,
+written byte for byte as ``MmapedDict`` writes it, with each value's position
+handed to its owner so that an update is one aligned 8-byte store.
+``tests/test_dbfiles.py`` pins both against the installed prometheus-client.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import re
 import struct
@@ -33,6 +45,10 @@ from prometheus_client.mmap_dict import MmapedDict
 
 ARCHIVE = "archive"
 _HEADER = struct.Struct("i")  # bytes used, native int, as MmapedDict writes it
+_FIRST_ENTRY = 8  # the header int and 4 bytes of padding
+_INITIAL_SIZE = 1 << 16  # as MmapedDict; the file doubles when full
+VALUE_SIZE = 16  # value and timestamp, two doubles
+pack_value = struct.Struct("dd").pack
 
 GAUGE_MODES = frozenset(
     {"all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum", "mostrecent", "livemostrecent"}
@@ -131,3 +147,95 @@ def write_entries(path: str, entries: Entries) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class ValueFile:
+    """One process's file of one metric kind, open for writing values in place.
+
+    ``slot(key)`` is where the key's value lives, as an index into ``doubles`` (a
+    view of the file as native doubles; its timestamp is at ``slot + 1``). A new
+    key gets a zeroed entry first. Values start 8-byte aligned, so
+    ``doubles[slot] = value`` is one aligned 8-byte store: a reader in another
+    process sees the old or the new value, never a mix. ``set`` writes value and
+    timestamp together in one slice assignment (``struct.pack_into`` would zero
+    the bytes first). ``doubles`` is replaced when the file grows: read it anew
+    for every write. Not thread-safe: callers serialise access.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file = open(path, "a+b")  # noqa: SIM115 - lives as long as the mapping
+        self._mmap: mmap.mmap | None = None
+        self.doubles: memoryview | None = None
+        try:
+            size = os.fstat(self._file.fileno()).st_size
+            if size == 0:
+                self._file.truncate(_INITIAL_SIZE)
+                size = _INITIAL_SIZE
+            self._map(size)
+            self._slots: dict[str, int] = {}
+            self._used = _HEADER.unpack_from(self._mmap, 0)[0]
+            if self._used == 0:
+                self._used = _FIRST_ENTRY
+                self._mmap[0:4] = _HEADER.pack(self._used)
+            else:
+                self._index()
+        except BaseException:
+            self.close()
+            raise
+
+    def _map(self, size: int) -> None:
+        self._unmap()
+        self._size = size
+        self._mmap = mmap.mmap(self._file.fileno(), size)
+        self.doubles = memoryview(self._mmap).cast("d")
+
+    def _unmap(self) -> None:
+        if self.doubles is not None:
+            self.doubles.release()  # an exported view would keep the mapping from closing
+            self.doubles = None
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None
+
+    def _index(self) -> None:
+        if not _FIRST_ENTRY <= self._used <= self._size:
+            raise CorruptFile(f"{os.path.basename(self.path)}: bad header (used={self._used}, size={self._size})")
+        pos = _FIRST_ENTRY
+        while pos < self._used:
+            length = _HEADER.unpack_from(self._mmap, pos)[0]
+            end = pos + 4 + length + (8 - (length + 4) % 8)
+            if length <= 0 or end + VALUE_SIZE > self._used:
+                raise CorruptFile(f"{os.path.basename(self.path)}: entry at byte {pos} runs past the end")
+            self._slots[self._mmap[pos + 4 : pos + 4 + length].decode("utf-8")] = end // 8
+            pos = end + VALUE_SIZE
+
+    def slot(self, key: str) -> int:
+        """Index in ``doubles`` of `key`'s value; a new key gets a zeroed entry first."""
+        found = self._slots.get(key)
+        if found is not None:
+            return found
+        encoded = key.encode("utf-8")
+        padded = encoded + b" " * (8 - (len(encoded) + 4) % 8)
+        entry = _HEADER.pack(len(encoded)) + padded + pack_value(0.0, 0.0)
+        if self._used + len(entry) > self._size:
+            size = self._size
+            while self._used + len(entry) > size:
+                size *= 2
+            self._file.truncate(size)
+            self._map(size)
+        self._mmap[self._used : self._used + len(entry)] = entry
+        self._used += len(entry)
+        self._mmap[0:4] = _HEADER.pack(self._used)  # only now can a reader see the entry
+        self._slots[key] = found = (self._used - VALUE_SIZE) // 8
+        return found
+
+    def set(self, slot: int, value: float, timestamp: float) -> None:
+        """Write value and timestamp together (the mostrecent gauge modes compare timestamps)."""
+        pos = slot * 8
+        self._mmap[pos : pos + VALUE_SIZE] = pack_value(value, timestamp)
+
+    def close(self) -> None:
+        """Unmap and close; the data stays in the file."""
+        self._unmap()
+        self._file.close()

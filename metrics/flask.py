@@ -20,8 +20,8 @@ instrumented app and outside any auth the app applies to its own routes.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator
+from time import perf_counter
 
 from flask import Flask
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -30,6 +30,7 @@ from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from metrics.config import Settings, load_settings
 from metrics.exposition import disabled_app, make_metrics_app
 from metrics.multiproc import ensure_multiprocess_mode
+from metrics.values import Samples
 
 UNMATCHED = "unmatched"
 ROUTE_KEY = "promfork.route"
@@ -110,7 +111,7 @@ def _route_recording(request_class: type) -> type:
 
 
 class _Recorder:
-    """The HTTP metric objects, with labelled children cached for the hot path."""
+    """The HTTP metric objects, with each label set's children bound once for the hot path."""
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None) -> None:
         name = settings.metric_name
@@ -147,19 +148,24 @@ class _Recorder:
             buckets=SIZE_BUCKETS,
             registry=registry,
         )
-        # (method, route, status) -> its labelled children: one dict lookup per request.
-        self._children: dict[tuple[str, str, str], tuple] = {}
+        self.in_flight_samples = Samples(self.in_flight)
+        # (method, route, status) -> its children, updated together: one dict lookup per request.
+        self.bound: dict[tuple[str, str, str], Samples] = {}
 
-    def children(self, method: str, route: str, status: str) -> tuple:
-        """The counter and histograms of one label set, created on first use."""
+    def series(self, method: str, route: str, status: str) -> Samples:
+        """What counting one request updates: its counter, duration and size histograms, and in-flight.
+
+        Bound once per label set; ``update(1, seconds, request_bytes, response_bytes, -1)``.
+        """
         key = (method, route, status)
-        found = self._children.get(key)
+        found = self.bound.get(key)
         if found is None:
-            found = self._children[key] = (
+            found = self.bound[key] = Samples(
                 self.requests.labels(method, route, status),
                 self.duration.labels(method, route),
                 self.request_size.labels(method, route),
                 self.response_size.labels(method, route),
+                self.in_flight,
             )
         return found
 
@@ -192,11 +198,10 @@ class _InstrumentedApp:
 class _Exchange:
     """One request/response: captures the status, measures the body, records once."""
 
-    __slots__ = ("body", "closed", "environ", "length", "recorded", "recorder", "sent", "server_start", "started",
-                 "status")  # fmt: skip
+    __slots__ = ("body", "environ", "length", "recorded", "recorder", "sent", "server_start", "started", "status")
 
     def __init__(self, environ: dict, server_start: Callable, recorder: _Recorder) -> None:
-        self.started = time.perf_counter()
+        self.started = perf_counter()
         self.environ = environ
         self.server_start = server_start
         self.recorder = recorder
@@ -205,8 +210,7 @@ class _Exchange:
         self.length: int | None = None
         self.sent = 0
         self.recorded = False
-        self.closed = False
-        recorder.in_flight.inc()
+        recorder.in_flight_samples.update(1)
 
     def start_response(self, status: str, headers: list, exc_info=None):
         self.status = status[:3]
@@ -230,7 +234,7 @@ class _Exchange:
         if self.recorded:
             return
         self.recorded = True
-        seconds = time.perf_counter() - self.started
+        seconds = perf_counter() - self.started
         environ = self.environ
         method = environ.get("REQUEST_METHOD", "")
         if method not in KNOWN_METHODS:
@@ -239,18 +243,12 @@ class _Exchange:
             request_bytes = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
             request_bytes = 0
-        counter, duration, request_size, response_size = self.recorder.children(
-            method, environ.get(ROUTE_KEY, UNMATCHED), self.status
-        )
-        counter.inc()
-        duration.observe(seconds)
-        request_size.observe(request_bytes)
-        response_size.observe(self.sent)
+        route = environ.get(ROUTE_KEY, UNMATCHED)
+        recorder = self.recorder
+        series = recorder.bound.get((method, route, self.status)) or recorder.series(method, route, self.status)
+        series.update(1, seconds, request_bytes, self.sent, -1)  # counted, so no longer in flight
 
     def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
         try:
             close = getattr(self.body, "close", None)
             if close is not None:
@@ -258,4 +256,3 @@ class _Exchange:
         finally:
             if not self.recorded:
                 self._record()
-            self.recorder.in_flight.dec()

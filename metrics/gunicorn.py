@@ -36,6 +36,7 @@ class _MasterState:
     library: object | None = None  # metrics.collector.LibraryMetrics
     lifecycle: object | None = None  # _Lifecycle
     server: object | None = None  # metrics.server.MetricsServer
+    fast_values: bool = False  # metrics.values.MmapValue stores the values (else prometheus-client's class)
 
 
 _master: _MasterState | None = None
@@ -48,8 +49,10 @@ def prepare_environment() -> Settings:
     anything imports prometheus_client, in the master and (by inheritance) in
     every worker. Safe to call again on HUP: the exported directory is reused.
     With metrics on, it also adds 077 to the process umask so metric files are
-    never readable by other users.
+    never readable by other users, and installs promfork's faster value store
+    (metrics.values) while prometheus_client is not yet imported.
     """
+    fast_values = False
     try:
         settings = load_settings()
         if settings.enabled:
@@ -59,6 +62,9 @@ def prepare_environment() -> Settings:
                 atexit.register(_remove_if_unused, directory, os.getpid())
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
             settings = load_settings()
+            from metrics import values  # imports prometheus_client: only now that the variable is set
+
+            fast_values = values.install()
             # prometheus-client creates its files with the process umask: keep them
             # private to this user (the master and, by inheritance, every worker).
             os.umask(os.umask(0o077) | 0o077)
@@ -69,6 +75,7 @@ def prepare_environment() -> Settings:
         _master = _MasterState(settings)
     else:
         _master.settings = settings
+    _master.fast_values = fast_values
     return settings
 
 
@@ -140,6 +147,13 @@ def on_starting(server) -> None:
     else:
         server.log.info("promfork: metrics directory %s shared with a live master; keeping its files", state.directory)
     state.lease.keep()
+    if state.fast_values:
+        server.log.info("promfork: metric values stored by metrics.values.MmapValue")
+    else:
+        server.log.warning(
+            "promfork: prometheus_client created metrics before prepare_environment(); its own, slower value "
+            "store stays in use (totals are still exact)"
+        )
     state.library = LibraryMetrics(state.settings)
     state.lifecycle = _Lifecycle(state.settings)
     record_slot(state.directory, MASTER, os.getpid())

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from flask import Flask
 from prometheus_client import Counter, Gauge, Histogram
 
+from metrics.values import Samples
+
 LLM_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 OTHER = "other"
@@ -95,18 +97,15 @@ class LLMTelemetry:
         """The hot path: one successful provider call with its duration and usage."""
         if not self.enabled:
             return
-        bound = self._children.get((provider, model))
-        if bound is None:
-            bound = self._children[(provider, model)] = (
+        samples = self._children.get((provider, model))
+        if samples is None:
+            samples = self._children[(provider, model)] = Samples(
                 self.requests.labels(provider, model, "ok"),
                 self.duration.labels(provider, model),
                 self.tokens.labels(provider, model, "prompt"),
                 self.tokens.labels(provider, model, "completion"),
             )
-        bound[0].inc()
-        bound[1].observe(seconds)
-        bound[2].inc(prompt_tokens)
-        bound[3].inc(completion_tokens)
+        samples.update(1, seconds, prompt_tokens, completion_tokens)
 
     def call_finished(self, provider: str, model: str, status: str, seconds: float | None) -> None:
         """One provider call ended with `status` (ok, error, timeout, cancelled, model_not_found)."""
