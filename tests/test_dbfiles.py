@@ -97,7 +97,7 @@ def test_value_written_is_visible_to_a_reader_before_the_writer_closes(tmp_path:
 def test_value_file_refuses_a_damaged_file(tmp_path: Path, damage: bytes) -> None:
     path = tmp_path / "counter_5.db"
     path.write_bytes(damage)
-    with pytest.raises(dbfiles.CorruptFile, match="counter_5.db"):
+    with pytest.raises(dbfiles.CorruptFile, match=r"counter_5\.db"):
         dbfiles.ValueFile(str(path))
 
 
