@@ -150,7 +150,7 @@ def configurations(before: str | None, worktree: str | None) -> list[Server]:
     return found
 
 
-def wrk(server: Server, seconds: float, connections: int, lua: str) -> float:
+def wrk(server: Server, seconds: int, connections: int, lua: str) -> float:
     cmd = [*LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", lua, server.url]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     failed = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -185,7 +185,7 @@ def report(servers: list[Server]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--seconds", type=float, default=2)
+    parser.add_argument("--seconds", type=int, default=2)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--before", metavar="REF", help="also measure gunicorn.conf.py of this git revision")
     args = parser.parse_args()

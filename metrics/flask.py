@@ -9,8 +9,9 @@ Usage::
         return app
 
 Measurement happens in a WSGI middleware around ``app.wsgi_app`` so that a
-streamed response is timed and sized until its last byte, and the in-flight
-gauge drops when the body is closed (also when a client disconnects). Route
+streamed response is timed and sized until its last byte. A request is in
+flight from its start until it is counted; the gauge drops in the same locked
+update that counts it. Route
 labels are Flask rule templates, never raw paths; unmatched paths share the
 label value ``unmatched`` and unknown methods become ``other``, so hostile
 traffic cannot grow the number of series. /metrics itself is served outside the
@@ -34,6 +35,7 @@ from metrics.values import Samples
 
 UNMATCHED = "unmatched"
 ROUTE_KEY = "promfork.route"
+_UNKNOWN_LENGTH = float("inf")  # no Content-Length: counted when the server closes the body
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 SIZE_BUCKETS = (100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000)
 
@@ -177,7 +179,7 @@ class _InstrumentedApp:
     Content-Length) or, for streams and short bodies, when the server closes it.
     So a client never receives a whole response that is not counted; a worker
     killed before that point takes the request with it (the client sees its
-    connection cut). The in-flight gauge drops when the body is closed.
+    connection cut). The in-flight gauge drops in the same update that counts it.
     """
 
     def __init__(self, app: Callable, recorder: _Recorder) -> None:
@@ -207,7 +209,7 @@ class _Exchange:
         self.recorder = recorder
         self.body: Iterable[bytes] = ()
         self.status = "500"
-        self.length: int | None = None
+        self.length: float = _UNKNOWN_LENGTH
         self.sent = 0
         self.recorded = False
         recorder.in_flight_samples.update(1)
@@ -215,18 +217,18 @@ class _Exchange:
     def start_response(self, status: str, headers: list, exc_info=None):
         self.status = status[:3]
         for name, value in headers:
-            if name == "Content-Length" or name.lower() == "content-length":
+            if len(name) == 14 and name.lower() == "content-length":
                 try:
                     self.length = int(value)
                 except ValueError:
-                    self.length = None
+                    self.length = _UNKNOWN_LENGTH
         return self.server_start(status, headers, exc_info)
 
     def __iter__(self) -> Iterator[bytes]:
         length = self.length
         for chunk in self.body:
-            self.sent += len(chunk)
-            if length is not None and self.sent >= length:
+            self.sent = sent = self.sent + len(chunk)
+            if sent >= length:
                 self._record()  # before the last byte leaves this process
             yield chunk
 

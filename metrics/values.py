@@ -126,10 +126,10 @@ class Samples:
     counters take non-negative amounts only, as with ``inc``.
     """
 
-    __slots__ = ("_children", "_direct", "_owner")
+    __slots__ = ("_direct", "_owner", "_public")
 
     def __init__(self, *children) -> None:
-        self._children = children
+        self._public = tuple(child.observe if hasattr(child, "observe") else child.inc for child in children)
         self._direct = _direct_plan(children)
         self._owner = None
 
@@ -142,11 +142,8 @@ class Samples:
         """Add each amount to its counter or gauge; observe it in its histogram."""
         direct = self._direct
         if direct is None:
-            for child, amount in zip(self._children, amounts, strict=True):
-                if hasattr(child, "observe"):
-                    child.observe(amount)
-                else:
-                    child.inc(amount)
+            for record, amount in zip(self._public, amounts):  # noqa: B905 (see below)
+                record(amount)
             return
         process = _process
         lock = process.lock
