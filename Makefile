@@ -33,12 +33,13 @@ lint: $(STAMP)
 
 # Benchmarks print ratios measured in one run; not part of `make test`.
 bench: $(STAMP)
-	@if ! command -v wrk >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
+	@if ! { command -v wrk && command -v valgrind; } >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk valgrind >/dev/null; \
 	fi
 	$(PY) -m pip install --quiet prometheus-flask-exporter
 	$(PY) bench/scrape_cost.py
 	$(PY) bench/master_port.py
+	$(PY) bench/instructions.py
 	$(PY) bench/overhead.py
 
 clean:

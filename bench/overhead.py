@@ -9,16 +9,22 @@ Runs the same chat handler under Gunicorn (2 sync workers) as
   promfork@REF  with --before REF: gunicorn.conf.py of an older revision (git worktree)
 driven by wrk (Debian package) with keep-alive POSTs of a chat completion.
 
-Every server is started once and stays up; rounds then load one server at a time
-for a few seconds, rotating the order each round, so drift on a shared machine
-hits every configuration alike. Ratios are taken within a round (each against
-that round's metrics-off) and their median and interquartile range printed.
+Every server is started once and stays up; then one server at a time is loaded
+for a second or two, and every slice of another configuration is bracketed by
+two slices of metrics-off: its ratio is taken against their mean, so drift of
+the machine's speed (on a shared host, 5% within seconds) cancels. The order of
+the other configurations rotates each round. Printed: the median ratio and its
+interquartile range; metrics-off's row compares each of its slices with its
+neighbours, which is the noise floor of the measurement itself. (On a shared
+host a CPU's speed can swing by 8% from one second to the next, in CPU time per
+request as much as in throughput; medians need tens of rounds to settle within
+a few percent. bench/instructions.py counts instructions instead: exact.)
 With taskset and two or more CPUs every server is pinned to one CPU and wrk to
 another: what is compared is the server's CPU time per request, and the added
 time per request follows from the throughput. Worker memory (RSS, summed over
 the two workers) is read from /proc after the run.
 
-    python bench/overhead.py [--rounds 12] [--seconds 2] [--connections 16] [--before REF]
+    python bench/overhead.py [--rounds 30] [--seconds 1] [--connections 16] [--before REF]
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class Server:
     env: dict[str, str]
     cwd: str = ROOT
     rates: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)  # each slice against the mean of the two metrics-off around it
     proc: subprocess.Popen | None = None
     tmp: str = ""
     port: int = 0
@@ -169,11 +176,11 @@ def report(servers: list[Server]) -> None:
     off = next(s for s in servers if s.name == "metrics-off")
     off_rate = statistics.median(off.rates)
     cpus = 1 if PINNED else 2
-    print(f"\nserver pinned to one CPU, wrk to another: {PINNED}; {len(off.rates)} rounds")
+    print(f"\nserver pinned to one CPU, wrk to another: {PINNED}; {len(servers[0].rates)} rounds")
     print(f"{'configuration':<20} {'req/s':>7} {'vs metrics-off':>15} {'(middle half)':>14} "
           f"{'added us/req':>13} {'workers RSS MiB':>16}")  # fmt: skip
     for server in servers:
-        ratios = sorted(r / o for r, o in zip(server.rates, off.rates, strict=True))
+        ratios = sorted(server.ratios)
         ratio = statistics.median(ratios)
         quartiles = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratio, ratio, ratio]
         added = (1 / (off_rate * ratio) - 1 / off_rate) * 1e6 * cpus  # server CPU time per request
@@ -184,8 +191,8 @@ def report(servers: list[Server]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--seconds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--seconds", type=int, default=1)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--before", metavar="REF", help="also measure gunicorn.conf.py of this git revision")
     args = parser.parse_args()
@@ -203,11 +210,20 @@ def main() -> None:
         for server in servers:
             server.wait_ready()
             wrk(server, 1, args.connections, lua.name)  # warm-up, not counted
+        off = next(s for s in servers if s.name == "metrics-off")
+        others = [s for s in servers if s is not off]
+        before = wrk(off, args.seconds, args.connections, lua.name)
         for round_no in range(args.rounds):
-            shift = round_no % len(servers)
-            for server in servers[shift:] + servers[:shift]:
-                server.rates.append(wrk(server, args.seconds, args.connections, lua.name))
-            line = "  ".join(f"{s.name} {s.rates[-1]:.0f}" for s in servers)
+            shift = round_no % len(others)
+            for server in others[shift:] + others[:shift]:
+                rate = wrk(server, args.seconds, args.connections, lua.name)
+                after = wrk(off, args.seconds, args.connections, lua.name)
+                server.rates.append(rate)
+                server.ratios.append(rate / ((before + after) / 2))
+                off.rates.append(after)
+                off.ratios.append(after / before)  # the noise floor: the same configuration, one slice later
+                before = after
+            line = "  ".join(f"{s.name} {s.ratios[-1]:.3f}" for s in others)
             print(f"round {round_no + 1:>2}: {line}", flush=True)
         report(servers)
     finally:

@@ -60,6 +60,7 @@ class Tally:
     reloads: int = 0
     scrapes: int = 0
     went_backwards: list[str] = field(default_factory=list)
+    client_cpu_s: float = 0.0  # CPU time the load generator itself used while driving
 
     def in_doubt(self) -> list[Outcome]:
         """Requests whose count a worker kill may have decided either way.
@@ -373,6 +374,11 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1]
 
 
+def client_capacity(tally: Tally) -> float:
+    """Requests per CPU-second of the load generator itself: its ceiling on a core of its own."""
+    return len(tally.outcomes) / tally.client_cpu_s if tally.client_cpu_s > 0 else float("inf")
+
+
 def print_report(tally: Tally, elapsed: float, rows: list[Row]) -> None:
     done = tally.outcomes
     latencies = [o.ended - o.started for o in done if o.status is not None]
@@ -384,6 +390,11 @@ def print_report(tally: Tally, elapsed: float, rows: list[Row]) -> None:
           f"p99 {percentile(latencies, 99) * 1000:.1f} ms   failed {failed}   workers killed {len(tally.kills)}  "
           f"reloads {tally.reloads}  "
           f"in doubt {len(tally.in_doubt())}")  # fmt: skip
+    busy = tally.client_cpu_s / elapsed if elapsed > 0 else 0.0
+    print(f"load generator: {tally.client_cpu_s:.2f} CPU-s, {busy:.0%} of one core; it could drive about "
+          f"{client_capacity(tally):,.0f} req/s with a core of its own")  # fmt: skip
+    if busy > 0.9:
+        print("  (it used most of a core: the load generator, not the server, may be what limits the rate)")
     width = max(len(r.what) for r in rows)
     print(f"\n{'check':<{width}}  {'client':>12}  {'metrics':>12}  {'allowed':>8}  verdict")
     for r in rows:
@@ -451,7 +462,9 @@ def main(argv: list[str] | None = None) -> int:
         mix = RequestMix(weights, args.seed)
         run = drive(base, mix, args.concurrency, total, args.duration, tally, app, args.kill_workers_every, progress,
                     metrics_url, args.token, args.hup_every)  # fmt: skip
+        cpu_before = time.process_time()
         elapsed = asyncio.run(run)
+        tally.client_cpu_s = time.process_time() - cpu_before
         _, rows = settle(metrics_url, args.token, tally, before)
     except OSError as exc:
         print(f"promfork-load: cannot reach {metrics_url}: {exc}", file=sys.stderr)
@@ -465,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
             "elapsed_s": elapsed,
             "requests": len(tally.outcomes),
             "rate_per_s": len(tally.outcomes) / elapsed,
+            "client_cpu_s": tally.client_cpu_s,
+            "client_rate_per_cpu_s": client_capacity(tally),
             "kills": len(tally.kills),
             "reloads": tally.reloads,
             "in_doubt": len(tally.in_doubt()),

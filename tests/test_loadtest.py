@@ -29,6 +29,10 @@ def test_cli_reports_agreement_under_churn_and_kills(tmp_path: Path):
     data = json.loads(report.read_text())
     assert data["agree"] is True and data["kills"] >= 3 and data["requests"] > 200
     assert "verdict: all totals agree" in proc.stdout
+    # the client measures itself: CPU used while driving, and its ceiling per CPU-second
+    assert 0 < data["client_cpu_s"] < data["elapsed_s"] * 2
+    assert data["client_rate_per_cpu_s"] == pytest.approx(data["requests"] / data["client_cpu_s"])
+    assert "load generator:" in proc.stdout
     checks = {c["what"]: c for c in data["checks"]}
     assert checks["http_requests_total{route=unmatched,status=404}"]["client"] > 0
 
