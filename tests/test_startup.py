@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import GUNICORN, ROOT, clean_env, free_port, request, wait_until
+from conftest import GUNICORN, ROOT, clean_env, free_port, request, value, wait_until
 
 from metrics.config import ConfigError, load_settings
 from metrics.multiproc import MasterLease, MultiprocDirError, ensure_directory, wipe_stale_files
@@ -146,6 +146,9 @@ def test_private_directory_is_removed_when_the_master_exits(tmp_path: Path):
     proc.terminate()
     proc.wait(30)
     assert _private_dirs() == before
+    # With a private directory the variable is exported by gunicorn.conf.py itself: the fast
+    # value store must still be in place before anything imports prometheus_client.
+    assert b"metric values stored by metrics.values.MmapValue" in proc.stderr.read()
 
 
 def _answers(port: int) -> bool:
@@ -165,6 +168,35 @@ def test_prometheus_client_imported_too_early_stops_the_server(tmp_path: Path):
     )
     output = _gunicorn_fails({}, str(conf))
     assert "imported before PROMETHEUS_MULTIPROC_DIR was set" in output
+
+
+@pytest.mark.integration
+def test_workers_write_through_promfork_value_store(gunicorn_factory):
+    server = gunicorn_factory(workers=2)
+    for _ in range(20):
+        assert request("GET", server.port, "/v1/models")[0] == 200
+    assert "metric values stored by metrics.values.MmapValue" in server.log()
+    assert value(server.scrape(), "http_requests_total", method="GET", route="/v1/models", status="200") == 20
+
+
+@pytest.mark.integration
+def test_metrics_made_before_prepare_environment_keep_the_stock_store_and_stay_exact(gunicorn_factory, tmp_path):
+    conf = tmp_path / "early_metric.conf.py"
+    # The directory variable is set (the fixture exports it), but a metric exists before
+    # prepare_environment(): its file must not get a second writer.
+    conf.write_text(
+        "import os\n"
+        "os.makedirs(os.environ['PROMETHEUS_MULTIPROC_DIR'], mode=0o700, exist_ok=True)\n"
+        "from prometheus_client import Counter\n"
+        "Counter('made_early_total', 'Created before prepare_environment().').inc()\n"
+        f"exec(compile(open({str(ROOT / 'gunicorn.conf.py')!r}).read(), 'gunicorn.conf.py', 'exec'))\n"
+    )
+    server = gunicorn_factory("-c", str(conf), workers=2)
+    for _ in range(20):
+        assert request("GET", server.port, "/v1/models")[0] == 200
+    assert "its own, slower value store stays in use" in server.log()
+    assert "stored by metrics.values.MmapValue" not in server.log()
+    assert value(server.scrape(), "http_requests_total", method="GET", route="/v1/models", status="200") == 20
 
 
 def test_import_order_check_in_a_plain_process(tmp_path: Path):
