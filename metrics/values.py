@@ -9,14 +9,14 @@ same files, keys and layout (``metrics.dbfiles.ValueFile``), so every reader,
 the stock ``MultiProcessCollector`` included, sees no difference, and:
 
 * learns about a fork from ``os.register_at_fork`` instead of a syscall per update;
-* holds its file position, so an update is one add and one slice assignment;
+* holds its file position, so an update is one add and one aligned 8-byte store;
 * keeps one lock per process, as prometheus-client does: updates from threads
   (gthread workers) are never lost, and a fork never inherits it held.
 
 Importing this module imports prometheus_client: do it only once
-PROMETHEUS_MULTIPROC_DIR is set. ``install()`` puts it in place before any metric exists. It declines once the
-stock class has created values in this process: they would write the same files
-through a second, unaware writer.
+PROMETHEUS_MULTIPROC_DIR is set. ``install()`` puts MmapValue in place before
+any metric exists. It declines once the stock class has created values in this
+process: they would write the same files through a second, unaware writer.
 """
 
 from __future__ import annotations
@@ -140,9 +140,10 @@ class Samples:
 
     def update(self, *amounts: float) -> None:
         """Add each amount to its counter or gauge; observe it in its histogram."""
+        # zip() with a keyword argument costs more than a write; one amount per child is the contract.
         direct = self._direct
         if direct is None:
-            for record, amount in zip(self._public, amounts):  # noqa: B905 (see below)
+            for record, amount in zip(self._public, amounts):  # noqa: B905
                 record(amount)
             return
         process = _process
@@ -152,7 +153,6 @@ class Samples:
             if self._owner is not process:
                 self._adopt(process)
             # MmapValue.inc, inlined: this loop is most of what a request costs.
-            # zip() with a keyword argument costs more than a write; one amount per child is the contract.
             for (total, bounds, buckets), amount in zip(direct, amounts):  # noqa: B905
                 total._value = value = total._value + amount
                 total._file.doubles[total._slot] = value
