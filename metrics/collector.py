@@ -28,7 +28,12 @@ log = logging.getLogger("promfork.collector")
 
 
 class LibraryMetrics:
-    """promfork's own counters about scrapes and compaction (safe to update from any thread)."""
+    """promfork's own counters about scrapes, compaction and storage (safe to update from any thread).
+
+    One instance per process and namespace (``library_metrics``): two metric
+    objects with the same name in one process would write one file slot from two
+    separate in-memory totals.
+    """
 
     def __init__(self, settings: Settings, registry=None) -> None:
         self.scrape_errors_name = settings.metric_name("metrics_scrape_errors")
@@ -42,6 +47,13 @@ class LibraryMetrics:
             "Dead worker processes whose metric files were folded into the archive.",
             registry=registry,
         )
+        self.write_errors = Counter(
+            settings.metric_name("metrics_write_errors_total"),
+            "Metric updates that could not be stored when made (disk full, damaged or busy file), and failed "
+            "compaction runs. Updates are held in memory and stored when space returns; a process that exits "
+            "before then loses them.",
+            registry=registry,
+        )
 
     def count_scrape_errors(self, n: int) -> None:
         """Count damaged files met by a scrape or a compaction."""
@@ -52,6 +64,25 @@ class LibraryMetrics:
         """Count dead workers folded into the archive."""
         with fork_guard:
             self.compactions.inc(n)
+
+    def count_write_errors(self, n: int) -> None:
+        """Count writes that failed (a compaction run that could not store its archive)."""
+        with fork_guard:
+            self.write_errors.inc(n)
+
+
+_library: dict[str, LibraryMetrics] = {}
+
+
+def library_metrics(settings: Settings) -> LibraryMetrics:
+    """This process's LibraryMetrics for the settings' namespace; the value store reports write errors to it."""
+    found = _library.get(settings.namespace)
+    if found is None:
+        from metrics import values
+
+        found = _library[settings.namespace] = LibraryMetrics(settings)
+        values.report_write_errors_to(found.write_errors)
+    return found
 
 
 class AggregatingCollector(Collector):
@@ -117,10 +148,7 @@ class AggregatingCollector(Collector):
                 log.error("promfork: damaged metric files skipped this scrape: %s", ", ".join(names))
                 return
             for name in names:
-                try:
-                    compaction.quarantine(self.directory, name, "unreadable during scrape")
-                except FileNotFoundError:
-                    continue
+                compaction.quarantine(self.directory, name, "unreadable during scrape")
 
 
 def exposition_registry(settings: Settings) -> CollectorRegistry:
@@ -131,6 +159,6 @@ def exposition_registry(settings: Settings) -> CollectorRegistry:
     """
     directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(AggregatingCollector(directory, LibraryMetrics(settings), settings.const_labels))
+    registry.register(AggregatingCollector(directory, library_metrics(settings), settings.const_labels))
     registry.register(WorkerProcessCollector(directory, settings.namespace, settings.const_labels))
     return registry

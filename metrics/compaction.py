@@ -1,25 +1,47 @@
-"""Folds dead workers' metric files into archive files, exactly once and crash-safe.
+"""Folds dead workers' metric files into archive files, exactly once, crash-safe, and never a live file.
 
 Protocol (all under the exclusive files lock, so no scrape sees a half-done step):
 
 1. finish any journal left by a crashed run (roll forward), drop stray ``*.new`` files;
-2. write each new archive (old archive + dead workers' values) to ``<archive>.new``;
-3. commit: write ``compaction.journal`` (temp file, fsync, rename) naming the
+2. claim each file of the dead pids: lock it exclusively (``dbfiles.claim``).
+   A live process holds a shared lock on every file it writes (promfork's value
+   store takes it when it opens the file), so a failed claim means the pid is
+   alive again (pid reuse, a second master's worker during USR2, a fork right
+   after the death was reported) and that file is left alone. A claimed file
+   is then *retired*: renamed to ``<kind>_<pid>-<inode>.db``, a name no process
+   ever opens. From that instant it can only be read, never written: a process
+   that reuses the pid and opens ``<kind>_<pid>.db`` gets a new file (the
+   writer re-checks the name after taking its lock). ``live*`` and ``all``
+   gauges are deleted instead (see below);
+3. write each new archive (old archive + every retired file's values) to ``<archive>.new``;
+4. commit: write ``compaction.journal`` (temp file, fsync, rename) naming the
    renames and deletions still to do;
-4. rename every ``.new`` over its archive, delete the dead workers' files;
-5. delete the journal.
+5. rename every ``.new`` over its archive, delete the retired files;
+6. delete the journal.
 
-A crash before step 3 leaves only ``.new`` files, which the next run deletes: the
-dead workers' files are still there and are folded again. A crash after step 3
-leaves a journal, which the next run (or the next scrape) replays; every replay
-step is idempotent. So a value is counted exactly once at every instant a
-reader can observe.
+So the safety of pid reuse rests on the lock, not on timing: a file a live
+process may write is never folded or deleted. A crash before step 4 leaves
+retired files (readers count them like any dead worker's file, and the next run
+folds them) and ``.new`` files (deleted). A crash after step 4 leaves a
+journal, which the next run (or the next scrape) replays; every replay step is
+idempotent, and it only deletes retired files, which nobody can have reopened.
+So a value is counted exactly once at every instant a reader can observe. A run
+that cannot write (disk full) leaves the same state as a crash before step 4
+and raises OSError; the compactor retries.
 
 How values fold follows prometheus-client's multiprocess modes: counters,
-histograms, summaries and ``sum`` gauges add up; ``max``/``min`` gauges keep the
-extreme; ``mostrecent`` keeps the newest timestamp; ``live*`` gauges die with
-their process; ``all`` gauges stay in their own per-pid files, as the mode means
-("one series per process, alive or dead").
+histograms, summaries and ``sum`` gauges add up (inf and nan as IEEE addition
+gives them); ``max``/``min`` gauges keep the extreme; ``mostrecent`` keeps the
+newest timestamp; ``live*`` gauges die with their process. ``all`` gauges (the
+mode prometheus-client gives a Gauge by default: one series per process, alive
+or dead) die with their process too: kept, they would add a series for every
+worker that ever lived. The first time the compactor drops one it logs the
+gauge's name and the modes that aggregate instead.
+
+This module relies on promfork's value store (metrics.values) taking the writer
+lock. With prometheus-client's own value class no writer holds it, so the
+Gunicorn hooks do not compact at all then (dead workers' files are kept, as
+stock does).
 """
 
 from __future__ import annotations
@@ -40,6 +62,7 @@ log = logging.getLogger("promfork.compaction")
 
 JOURNAL = "compaction.journal"
 QUARANTINE = "quarantine"
+AGGREGATING_MODES = "livesum, sum, max, min or mostrecent"
 
 
 def _step(name: str) -> None:
@@ -53,6 +76,8 @@ class CompactionResult:
     pids: list[int] = field(default_factory=list)
     files_removed: int = 0
     quarantined: list[str] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)  # files a live process holds: left alone
+    dropped_all_gauges: set[str] = field(default_factory=set)  # names of mode-"all" gauges dropped
 
 
 def fold(file: dbfiles.DbFile, into: dbfiles.Entries, entries: dbfiles.Entries) -> None:
@@ -63,9 +88,11 @@ def fold(file: dbfiles.DbFile, into: dbfiles.Entries, entries: dbfiles.Entries) 
         if current is None:
             into[key] = (value, ts if mode in ("max", "min", "mostrecent") else 0.0)
         elif mode == "max":
-            into[key] = max(current, (value, ts), key=lambda e: e[0])
+            if value > current[0]:  # as prometheus-client's merge: NaN never replaces
+                into[key] = (value, ts)
         elif mode == "min":
-            into[key] = min(current, (value, ts), key=lambda e: e[0])
+            if value < current[0]:
+                into[key] = (value, ts)
         elif mode == "mostrecent":
             if ts > current[1]:
                 into[key] = (value, ts)
@@ -83,7 +110,7 @@ def _fsync_dir(path: str) -> None:
 
 def _write_journal(directory: str, journal: dict) -> None:
     tmp = os.path.join(directory, JOURNAL + ".tmp")
-    with open(tmp, "w") as out:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
         json.dump(journal, out)
         out.flush()
         os.fsync(out.fileno())
@@ -133,34 +160,79 @@ def needs_recovery(directory: str) -> bool:
     return os.path.exists(os.path.join(directory, JOURNAL))
 
 
-def quarantine(directory: str, name: str, reason: str) -> str:
-    """Move a damaged file out of the way (kept for inspection) and log it; return its new path."""
+def quarantine(directory: str, name: str, reason: str) -> str | None:
+    """Move a damaged file out of the way (kept for inspection) and log it; return its new path.
+
+    None when it cannot be moved (gone already, or no room for the quarantine folder).
+    """
     target_dir = os.path.join(directory, QUARANTINE)
-    os.makedirs(target_dir, mode=0o700, exist_ok=True)
     target = os.path.join(target_dir, name)
-    os.replace(os.path.join(directory, name), target)
+    try:
+        os.makedirs(target_dir, mode=0o700, exist_ok=True)
+        os.replace(os.path.join(directory, name), target)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.error("promfork: damaged metric file %s (%s) cannot be set aside: %s", name, reason, exc)
+        return None
     log.error("promfork: set aside damaged metric file %s (%s); moved to %s", name, reason, target)
     return target
 
 
+def _metric_names(path: str) -> set[str]:
+    try:
+        return {json.loads(key)[0] for key in dbfiles.read_entries(path)}
+    except (OSError, ValueError, IndexError, TypeError):
+        return set()
+
+
+def _retire(directory: str, file: dbfiles.DbFile, result: CompactionResult) -> str | None:
+    """Claim a dead process's file; delete it (live and ``all`` gauges) or retire it. None unless retired."""
+    path = os.path.join(directory, file.name)
+    fd = dbfiles.claim(path)
+    if fd is None:
+        if os.path.exists(path):
+            result.busy.append(file.name)
+        return None
+    try:
+        if file.is_live_gauge or file.mode == "all":
+            if file.mode == "all":
+                result.dropped_all_gauges |= _metric_names(path)
+            os.unlink(path)  # still holding the claim: nobody reopened it
+            result.files_removed += 1
+            return None
+        retired = dbfiles.retired_name(file, os.fstat(fd).st_ino)
+        os.rename(path, os.path.join(directory, retired))
+        return retired
+    finally:
+        os.close(fd)
+
+
 def compact_dead_workers(directory: str, pids: Iterable[int]) -> CompactionResult:
-    """Fold the files of the dead processes `pids` into the archives. Caller holds the lock exclusively."""
+    """Fold the files of the dead processes `pids` (and any retired file) into the archives.
+
+    Caller holds the files lock exclusively. Raises OSError when the archives
+    cannot be written (disk full); what was done so far is safe as it stands.
+    """
     recover(directory)
     _step("recovered")
     wanted = {str(pid) for pid in pids}
     result = CompactionResult()
-    files = [f for f in map(dbfiles.parse_name, os.listdir(directory)) if f and f.owner in wanted]
+    names = os.listdir(directory)
+    folded = set()
+    for file in filter(None, map(dbfiles.parse_name, names)):
+        if file.owner in wanted and _retire(directory, file, result) is not None:
+            folded.add(file.owner)
+    _step("retired")
+    retired = [f for f in map(dbfiles.parse_name, os.listdir(directory)) if f is not None and f.retired]
     archives: dict[str, dbfiles.Entries] = {}
     delete: list[str] = []
-    for file in files:
-        if file.mode in ("all", "liveall") or file.is_live_gauge:
-            if file.mode != "all":
-                delete.append(file.name)
-            continue
+    for file in retired:
         try:
             entries = dbfiles.read_entries(os.path.join(directory, file.name))
         except dbfiles.CorruptFile as exc:
-            result.quarantined.append(quarantine(directory, file.name, str(exc)))
+            if quarantine(directory, file.name, str(exc)):
+                result.quarantined.append(file.name)
             continue
         archive = archives.get(file.prefix)
         if archive is None:
@@ -168,18 +240,23 @@ def compact_dead_workers(directory: str, pids: Iterable[int]) -> CompactionResul
         fold(file, archive, entries)
         delete.append(file.name)
     renames = []
-    for prefix, entries in archives.items():
-        final = dbfiles.archive_name(prefix)
-        dbfiles.write_entries(os.path.join(directory, final + ".new"), entries)
-        renames.append((final + ".new", final))
-    _step("archives_written")
+    try:
+        for prefix, entries in archives.items():
+            final = dbfiles.archive_name(prefix)
+            dbfiles.write_entries(os.path.join(directory, final + ".new"), entries)
+            renames.append((final + ".new", final))
+        _step("archives_written")
+        if delete or renames:
+            _write_journal(directory, {"renames": renames, "delete": delete})
+    except OSError:
+        recover(directory)  # drops the .new files; the retired files stay, read as they are
+        raise
+    _step("journal_committed")
     if delete or renames:
-        _write_journal(directory, {"renames": renames, "delete": delete})
-        _step("journal_committed")
         recover(directory)
         _step("done")
-    result.pids = sorted(int(p) for p in wanted if any(f.owner == p for f in files))
-    result.files_removed = len(delete)
+    result.pids = sorted(int(p) for p in folded)
+    result.files_removed += len(delete)
     return result
 
 
@@ -190,19 +267,51 @@ def _read_archive(directory: str, prefix: str, result: CompactionResult) -> dbfi
     except FileNotFoundError:
         return {}
     except dbfiles.CorruptFile as exc:
-        result.quarantined.append(quarantine(directory, name, str(exc)))
+        if quarantine(directory, name, str(exc)):
+            result.quarantined.append(name)
         return {}
 
 
 def pids_with_files(directory: str) -> set[int]:
-    """Every process that has metric files in `directory` that compaction would fold or drop."""
+    """Every process that has metric files in `directory` (each is folded or dropped once it is dead)."""
     pids = set()
     for name in os.listdir(directory):
         parsed = dbfiles.parse_name(name)
-        # "all" gauges outlive their process by design; they never need folding.
-        if parsed is not None and parsed.pid is not None and parsed.mode != "all":
+        if parsed is not None and parsed.pid is not None:
             pids.add(parsed.pid)
     return pids
+
+
+def has_retired_files(directory: str) -> bool:
+    """True when an interrupted run left retired files to fold."""
+    return any((f := dbfiles.parse_name(name)) is not None and f.retired for name in os.listdir(directory))
+
+
+def remove_live_gauges(directory: str, pid: int) -> int:
+    """Delete the ``live*`` gauge files of the dead process `pid`, unless a live process holds them.
+
+    prometheus-client's ``mark_process_dead``, made safe for pid reuse: a file
+    whose pid already belongs to a new process (it holds the writer lock) stays.
+    Returns how many files were deleted.
+    """
+    removed = 0
+    suffix = f"_{pid}.db"
+    for name in os.listdir(directory):
+        if not name.endswith(suffix):
+            continue
+        file = dbfiles.parse_name(name)
+        if file is None or not file.is_live_gauge or file.pid != pid:
+            continue
+        path = os.path.join(directory, name)
+        fd = dbfiles.claim(path)
+        if fd is None:
+            continue
+        try:
+            os.unlink(path)
+            removed += 1
+        finally:
+            os.close(fd)
+    return removed
 
 
 def is_alive(pid: int) -> bool:
@@ -223,7 +332,9 @@ class Compactor:
     never blocked: the thread waits a bounded time for the files lock and, if a
     scrape (even a hung one) keeps it, retries later. Every `scan_interval` seconds it also looks
     for files of processes that died unseen (a master killed with -9, a worker
-    Gunicorn never reported) and folds those.
+    Gunicorn never reported) and folds those. When a run cannot write (disk
+    full), it calls `on_write_error`, logs (at most once a minute) and retries
+    with a growing delay (up to `max_backoff` seconds) until it succeeds.
     """
 
     def __init__(
@@ -234,19 +345,27 @@ class Compactor:
         scan_interval: float = 30.0,
         retry_delay: float = 0.05,
         lock_wait: float = 0.5,
+        on_write_error: Callable[[OSError], None] | None = None,
+        max_backoff: float = 2.0,
     ) -> None:
         self.directory = directory
         self.lock = DirectoryLock(directory)
         self._protected = protected
         self._on_compacted = on_compacted
+        self._on_write_error = on_write_error
         self._scan_interval = scan_interval
         self._retry_delay = retry_delay
         self._lock_wait = lock_wait
+        self._max_backoff = max_backoff
         self._pending: set[int] = set()
+        self._sweep = True  # look for retired files left by an interrupted run
         self._mutex = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._warned_all_gauges: set[str] = set()
+        self._failing_since: float | None = None
+        self._logged_failure_at = 0.0
 
     def worker_died(self, pid: int) -> None:
         """Record that `pid` exited; its files are folded soon after. Safe to call from any thread."""
@@ -259,26 +378,42 @@ class Compactor:
         protected = self._protected()
         return {pid for pid in pids_with_files(self.directory) if pid not in protected and not is_alive(pid)}
 
+    @property
+    def has_work(self) -> bool:
+        """True while pids are pending or retired files may be waiting."""
+        return bool(self._pending) or self._sweep
+
     def run_once(self) -> CompactionResult | None:
-        """Fold every pending pid once the lock is free; None (pids kept pending) if it stays busy."""
+        """Fold every pending pid once the lock is free; None (pids kept pending) if it stays busy.
+
+        Raises OSError when the archives cannot be written; the pids stay pending.
+        """
         with self._mutex:
             pids = set(self._pending)
-        # A dead worker's pid may already belong to a new worker: its files are then
-        # live again (prometheus-client continues a file it finds), so leave them.
-        reused = pids & self._protected()
-        if reused:
-            with self._mutex:
-                self._pending -= reused
-            pids -= reused
+        # Live workers' files would fail the claim anyway; not trying saves the syscalls.
+        pids -= self._protected()
         with self.lock.try_exclusive(self._lock_wait) as locked:
             if not locked:
                 return None
             result = compact_dead_workers(self.directory, pids)
         with self._mutex:
-            self._pending -= pids
+            self._pending -= pids | set(self._protected())
+        self._sweep = False
+        self._warn_about_all_gauges(result.dropped_all_gauges)
         if self._on_compacted is not None and (result.pids or result.quarantined):
             self._on_compacted(result)
         return result
+
+    def _warn_about_all_gauges(self, names: set[str]) -> None:
+        for name in sorted(names - self._warned_all_gauges):
+            log.warning(
+                "promfork: gauge %s uses multiprocess_mode='all' (prometheus-client's default): one series per "
+                "worker pid. A dead worker's series is dropped when its files are folded; to aggregate across "
+                "workers, create it with multiprocess_mode= %s",
+                name,
+                AGGREGATING_MODES,
+            )
+        self._warned_all_gauges |= names
 
     def start(self) -> None:
         """Start the background thread (idempotent)."""
@@ -294,6 +429,39 @@ class Compactor:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def _attempt(self) -> float | None:
+        """One run; returns the delay before the next attempt, or None when nothing is left to do."""
+        try:
+            busy = self.run_once() is None
+        except OSError as exc:
+            self._write_failed(exc)
+            elapsed = time.monotonic() - (self._failing_since or time.monotonic())
+            return min(self._max_backoff, max(self._retry_delay, elapsed / 4))
+        except Exception:  # keep the thread alive; the journal makes a retry safe
+            log.exception("promfork: compaction failed; will retry")
+            return self._max_backoff
+        if busy:
+            return self._retry_delay
+        if self._failing_since is not None:
+            log.warning("promfork: compaction writes again in %s; dead workers' files folded", self.directory)
+            self._failing_since = None
+        return None
+
+    def _write_failed(self, exc: OSError) -> None:
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        if self._on_write_error is not None:
+            self._on_write_error(exc)
+        if now - self._logged_failure_at >= 60.0:
+            log.error(
+                "promfork: compaction cannot store the archive in %s: %s; dead workers' files are kept and "
+                "read as they are (totals stay exact); retrying",
+                self.directory,
+                exc,
+            )
+            self._logged_failure_at = now
+
     def _loop(self) -> None:
         next_scan = 0.0
         while True:
@@ -302,17 +470,12 @@ class Compactor:
                 try:
                     for pid in self.find_orphans():
                         self.worker_died(pid)
+                    self._sweep = self._sweep or has_retired_files(self.directory)
                 except OSError as exc:
                     log.error("promfork: cannot scan %s for dead workers: %s", self.directory, exc)
                 next_scan = now + self._scan_interval
-            busy = False
-            if self._pending:
-                try:
-                    busy = self.run_once() is None
-                except Exception:  # keep the thread alive; the journal makes a retry safe
-                    log.exception("promfork: compaction failed; will retry")
-                    busy = True
-            if self._stop.is_set() and (not busy or not self._pending):
+            delay = self._attempt() if self.has_work else None
+            if self._stop.is_set() and (delay is None or delay > self._retry_delay or not self.has_work):
                 return
-            self._wake.wait(self._retry_delay if busy else max(0.0, next_scan - time.monotonic()))
+            self._wake.wait(delay if delay is not None else max(0.0, next_scan - time.monotonic()))
             self._wake.clear()

@@ -8,11 +8,14 @@ is forked.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+log = logging.getLogger("promfork.config")
 
 DEFAULT_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -126,9 +129,18 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if token is not None and (token != token.strip() or any(c in token for c in "\r\n")):
         raise ConfigError("METRICS_AUTH_TOKEN must not contain spaces at its ends or line breaks")
     buckets_raw = get("METRICS_LATENCY_BUCKETS")
+    multiproc_dir = get("PROMETHEUS_MULTIPROC_DIR")
+    if multiproc_dir is None and get("prometheus_multiproc_dir") is not None:
+        # prometheus-client still honours the lowercase name, with this warning.
+        multiproc_dir = get("prometheus_multiproc_dir")
+        log.warning(
+            "promfork: prometheus_multiproc_dir variable has been deprecated in favor of the upper case naming "
+            "PROMETHEUS_MULTIPROC_DIR; using %s",
+            multiproc_dir,
+        )
     return Settings(
         enabled=enabled,
-        multiproc_dir=get("PROMETHEUS_MULTIPROC_DIR"),
+        multiproc_dir=multiproc_dir,
         namespace=parse_namespace(env.get("METRICS_NAMESPACE", "")),
         const_labels=parse_const_labels(env.get("METRICS_CONST_LABELS", "")),
         latency_buckets=parse_buckets(buckets_raw) if buckets_raw else DEFAULT_LATENCY_BUCKETS,

@@ -8,37 +8,57 @@ per metric kind per process:
   multiprocess modes (all, liveall, min, livemin, max, livemax, sum, livesum,
   mostrecent, livemostrecent)
 
-Each file is an ``MmapedDict``: a used-bytes header, then entries of
-(length, JSON key, padding, value double, timestamp double). The JSON key holds
-metric name, sample name, labels and help, so identical series in two files have
-identical keys. promfork's archive files use the same format with ``archive`` in
-place of the pid, so the stock ``MultiProcessCollector`` reads them as one more
-(dead) process. In archive entries of summed kinds (counter, histogram, summary,
+promfork adds two owners besides a pid: ``archive`` (``counter_archive.db``),
+the folded values of dead processes, and ``<pid>-<inode>`` (``counter_812-4471.db``),
+a dead process's file that compaction has *retired*: renamed away from the name
+its process writes, so that no process can open it again (see
+metrics.compaction). The stock ``MultiProcessCollector`` reads both as one more
+dead process. In archive entries of summed kinds (counter, histogram, summary,
 ``sum`` gauges) the timestamp double, which prometheus-client ignores for those
 kinds, holds the rounding remainder of the folded total (value + remainder is
 the exact sum to about 106 bits), so folding never perturbs a total by an ulp.
 
-Byte layout (little-endian on the usual hosts; native order, as ``struct`` packs):
-offset 0 an int32 "bytes used" (entries end there), 4 bytes of padding; then per
-entry an int32 key length, the UTF-8 key padded with spaces so that the value
-starts 8-byte aligned, and two doubles (value, timestamp). A new entry is written
-before the "used" header grows over it, so a concurrent reader never sees half of
-one. Files start at 64 KiB and double when full.
+Each file is an ``MmapedDict``. Byte layout (native order, as ``struct`` packs;
+little-endian on the usual hosts): offset 0 an int32 "bytes used" (entries end
+there), 4 bytes of padding; then per entry an int32 key length, the UTF-8 JSON
+key (metric name, sample name, labels, help) padded with spaces so that the
+value starts 8-byte aligned, and two doubles (value, timestamp). A new entry is
+written before the "used" header grows over it, so a concurrent reader never
+sees half of one. Files start at 64 KiB and double when full; their size is
+always a multiple of 8. A header of 0 is a file created but not yet written:
+it reads as empty, as in prometheus-client.
 
-Archive reading and writing go through prometheus-client's own ``MmapedDict``.
-``ValueFile`` is the write path of the workers' hot loop: the same layout,
-written byte for byte as ``MmapedDict`` writes it, with each value's position
-handed to its owner so that an update is one aligned 8-byte store.
-``tests/test_dbfiles.py`` pins both against the installed prometheus-client.
+Writers and space: a page of a memory-mapped file that the filesystem cannot
+back (disk or tmpfs full) kills the writing process with SIGBUS on first touch.
+So every file promfork writes through a mapping is allocated with
+``posix_fallocate`` when created and when grown, which turns a full disk into
+an ``OSError`` before any page is touched; archives are written with plain
+``write()`` calls, which report ENOSPC the same way.
+
+Writers and locks: ``ValueFile`` holds a shared ``flock`` on its file for as
+long as it is open, and only writes a file that is still linked under its name.
+Compaction folds a file only after taking that lock exclusively (see
+``claim``), so it never folds a file a live process may write, whatever the
+timing (a reused pid, a fork right after a check).
+
+Archive reading goes through prometheus-client's own reader. ``ValueFile`` is
+the write path of the workers' hot loop: the same layout, written byte for byte
+as ``MmapedDict`` writes it, with each value's position handed to its owner so
+that an update is one aligned 8-byte store. ``tests/test_dbfiles.py`` pins both
+against the installed prometheus-client.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import math
 import mmap
 import os
 import re
 import struct
+import time
 from dataclasses import dataclass
 
 from prometheus_client.mmap_dict import MmapedDict
@@ -48,12 +68,13 @@ _HEADER = struct.Struct("i")  # bytes used, native int, as MmapedDict writes it
 _FIRST_ENTRY = 8  # the header int and 4 bytes of padding
 _INITIAL_SIZE = 1 << 16  # as MmapedDict; the file doubles when full
 VALUE_SIZE = 16  # value and timestamp, two doubles
+FILE_MODE = 0o600
 pack_value = struct.Struct("dd").pack
 
 GAUGE_MODES = frozenset(
     {"all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum", "mostrecent", "livemostrecent"}
 )
-_NAME = re.compile(r"^(counter|histogram|summary|gauge_([a-z]+))_([0-9]+|archive)\.db$")
+_NAME = re.compile(r"^(counter|histogram|summary|gauge_([a-z]+))_([0-9]+|[0-9]+-[0-9]+|archive)\.db$")
 
 
 class CorruptFile(ValueError):
@@ -67,7 +88,7 @@ class DbFile:
     name: str
     kind: str  # counter, histogram, summary or gauge
     mode: str  # gauge multiprocess mode, "" for other kinds
-    owner: str  # a pid, or ARCHIVE
+    owner: str  # a pid, <pid>-<inode> for a retired file, or ARCHIVE
 
     @property
     def prefix(self) -> str:
@@ -76,8 +97,13 @@ class DbFile:
 
     @property
     def pid(self) -> int | None:
-        """The writing process, or None for an archive file."""
-        return None if self.owner == ARCHIVE else int(self.owner)
+        """The process that writes this file; None for archives and retired files, which nobody writes."""
+        return int(self.owner) if self.owner.isdigit() else None
+
+    @property
+    def retired(self) -> bool:
+        """True for a dead process's file that compaction renamed away and will fold."""
+        return "-" in self.owner
 
     @property
     def is_live_gauge(self) -> bool:
@@ -103,6 +129,11 @@ def archive_name(prefix: str) -> str:
     return f"{prefix}_{ARCHIVE}.db"
 
 
+def retired_name(file: DbFile, inode: int) -> str:
+    """The name a dead process's file takes when compaction retires it (unique while the file exists)."""
+    return f"{file.prefix}_{file.owner}-{inode}.db"
+
+
 Entries = dict[str, tuple[float, float]]
 
 
@@ -113,6 +144,8 @@ def read_entries(path: str) -> Entries:
         size = os.fstat(src.fileno()).st_size
     # prometheus-client trusts the used-bytes header; a garbage header would read as "empty".
     used = _HEADER.unpack_from(header)[0] if len(header) == 8 else -1
+    if used == 0:
+        return {}  # created, never written: prometheus-client reads it as empty too
     if not 8 <= used <= size:
         raise CorruptFile(f"{os.path.basename(path)}: bad header (used={used}, size={size})")
     try:
@@ -125,28 +158,119 @@ def read_entries(path: str) -> Entries:
 
 
 def add_exact(total: tuple[float, float], value: float) -> tuple[float, float]:
-    """Add `value` to a (value, remainder) pair, keeping the rounding error in the remainder."""
+    """Add `value` to a (value, remainder) pair, keeping the rounding error in the remainder.
+
+    Non-finite values add as IEEE addition does (inf + -inf is nan), as
+    prometheus-client's plain ``+`` would; a finite total that overflows
+    becomes inf. Either way the remainder is 0.
+    """
     parts = (total[0], total[1], value)
-    rounded = math.fsum(parts)
+    try:
+        rounded = math.fsum(parts)
+    except (ValueError, OverflowError):  # inf + -inf, or finite overflow
+        return total[0] + total[1] + value, 0.0
+    if not math.isfinite(rounded):
+        return rounded, 0.0
     return rounded, math.fsum((*parts, -rounded))
 
 
+def encode_entries(entries: Entries) -> bytes:
+    """The bytes of a file holding `entries`, exactly as ``MmapedDict`` would write them."""
+    body = bytearray(_FIRST_ENTRY)
+    for key, (value, timestamp) in entries.items():
+        body += _encode_entry(key, value, timestamp)
+    _HEADER.pack_into(body, 0, len(body))
+    size = _INITIAL_SIZE
+    while size < len(body):
+        size *= 2
+    return bytes(body) + bytes(size - len(body))
+
+
+def _encode_entry(key: str, value: float, timestamp: float) -> bytes:
+    encoded = key.encode("utf-8")
+    return _HEADER.pack(len(encoded)) + encoded + b" " * (8 - (len(encoded) + 4) % 8) + pack_value(value, timestamp)
+
+
 def write_entries(path: str, entries: Entries) -> None:
-    """Write `entries` to a new file at `path` in the mmap format and fsync it."""
-    if os.path.exists(path):
+    """Write `entries` to a new file at `path` and fsync it; OSError (ENOSPC...) leaves no file behind."""
+    data = encode_entries(entries)
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    store = MmapedDict(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
     try:
-        for key, (value, timestamp) in entries.items():
-            store.write_value(key, value, timestamp)
-    finally:
-        store.close()
-    fd = os.open(path, os.O_RDONLY)
-    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """True when `path` still names the file open as `fd` (it was not renamed or deleted meanwhile)."""
+    try:
+        current = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (current.st_ino, current.st_dev) == (opened.st_ino, opened.st_dev)
+
+
+def open_for_writing(path: str, lock_wait: float = 1.0) -> int:
+    """Open (or create, mode 0600) the file a process writes, holding a shared lock on it.
+
+    Returns a descriptor whose file is linked at `path` and cannot be claimed by
+    compaction while it stays open. Waits up to `lock_wait` seconds while
+    compaction holds the file (a dead process's file, now ours by pid reuse);
+    raises OSError(EAGAIN) after that. If compaction retired or deleted the file
+    meanwhile, opens the new one.
+    """
+    deadline = time.monotonic() + lock_wait
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise OSError(errno.EAGAIN, f"{os.path.basename(path)} is held by compaction") from None
+                    time.sleep(0.001)
+            if _same_file(fd, path):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # retired or deleted while we waited: the name now belongs to a new file
+
+
+def claim(path: str) -> int | None:
+    """Lock a dead process's file exclusively for compaction; None if a live process holds it open.
+
+    A process that has the file open through ``open_for_writing`` holds a shared
+    lock, so the claim fails and the file is left alone. While the claim is
+    held, no process can start writing the file; once it is renamed or deleted,
+    no process ever will (they reopen by name and check the inode). The caller
+    closes the descriptor when done.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    if not _same_file(fd, path):
+        os.close(fd)
+        return None
+    return fd
 
 
 class ValueFile:
@@ -160,18 +284,24 @@ class ValueFile:
     timestamp together in one slice assignment (``struct.pack_into`` would zero
     the bytes first). ``doubles`` is replaced when the file grows: read it anew
     for every write. Not thread-safe: callers serialise access.
+
+    Opening and ``slot`` raise OSError when the file cannot be created or grown
+    (a full disk), CorruptFile when an existing file is damaged; the file and
+    every slot handed out before stay usable.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, lock_wait: float = 1.0) -> None:
         self.path = path
-        self._file = open(path, "a+b")  # noqa: SIM115 - lives as long as the mapping
+        self._fd = open_for_writing(path, lock_wait)
         self._mmap: mmap.mmap | None = None
         self.doubles: memoryview | None = None
         try:
-            size = os.fstat(self._file.fileno()).st_size
-            if size == 0:
-                self._file.truncate(_INITIAL_SIZE)
-                size = _INITIAL_SIZE
+            size = os.fstat(self._fd).st_size
+            if size % 8:
+                raise CorruptFile(f"{os.path.basename(path)}: size {size} is not a multiple of 8")
+            # Allocate every page now (a file continued from an earlier process may be sparse).
+            size = max(size, _INITIAL_SIZE)
+            os.posix_fallocate(self._fd, 0, size)
             self._map(size)
             self._slots: dict[str, int] = {}
             self._used = _HEADER.unpack_from(self._mmap, 0)[0]
@@ -185,10 +315,11 @@ class ValueFile:
             raise
 
     def _map(self, size: int) -> None:
+        mapping = mmap.mmap(self._fd, size)  # before unmapping: a failure keeps the old mapping
         self._unmap()
         self._size = size
-        self._mmap = mmap.mmap(self._file.fileno(), size)
-        self.doubles = memoryview(self._mmap).cast("d")
+        self._mmap = mapping
+        self.doubles = memoryview(mapping).cast("d")
 
     def _unmap(self) -> None:
         if self.doubles is not None:
@@ -207,7 +338,11 @@ class ValueFile:
             end = pos + 4 + length + (8 - (length + 4) % 8)
             if length <= 0 or end + VALUE_SIZE > self._used:
                 raise CorruptFile(f"{os.path.basename(self.path)}: entry at byte {pos} runs past the end")
-            self._slots[self._mmap[pos + 4 : pos + 4 + length].decode("utf-8")] = end // 8
+            try:
+                key = self._mmap[pos + 4 : pos + 4 + length].decode("utf-8")
+            except UnicodeDecodeError:
+                raise CorruptFile(f"{os.path.basename(self.path)}: key at byte {pos} is not UTF-8") from None
+            self._slots[key] = end // 8
             pos = end + VALUE_SIZE
 
     def slot(self, key: str) -> int:
@@ -215,14 +350,12 @@ class ValueFile:
         found = self._slots.get(key)
         if found is not None:
             return found
-        encoded = key.encode("utf-8")
-        padded = encoded + b" " * (8 - (len(encoded) + 4) % 8)
-        entry = _HEADER.pack(len(encoded)) + padded + pack_value(0.0, 0.0)
+        entry = _encode_entry(key, 0.0, 0.0)
         if self._used + len(entry) > self._size:
             size = self._size
             while self._used + len(entry) > size:
                 size *= 2
-            self._file.truncate(size)
+            os.posix_fallocate(self._fd, 0, size)  # ENOSPC here, not SIGBUS on the first store
             self._map(size)
         self._mmap[self._used : self._used + len(entry)] = entry
         self._used += len(entry)
@@ -236,6 +369,8 @@ class ValueFile:
         self._mmap[pos : pos + VALUE_SIZE] = pack_value(value, timestamp)
 
     def close(self) -> None:
-        """Unmap and close; the data stays in the file."""
+        """Unmap, release the lock and close; the data stays in the file."""
         self._unmap()
-        self._file.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -37,6 +37,7 @@ class _MasterState:
     lifecycle: object | None = None  # _Lifecycle
     server: object | None = None  # metrics.server.MetricsServer
     fast_values: bool = False  # metrics.values.MmapValue stores the values (else prometheus-client's class)
+    stale_removed: int | None = None  # files of earlier runs wiped at a cold start; None when shared
 
 
 _master: _MasterState | None = None
@@ -47,34 +48,46 @@ def prepare_environment() -> Settings:
 
     Call it at the top of gunicorn.conf.py: the variable must be set before
     anything imports prometheus_client, in the master and (by inheritance) in
-    every worker. Safe to call again on HUP: the exported directory is reused.
-    With metrics on, it also adds 077 to the process umask so metric files are
-    never readable by other users, and installs promfork's faster value store
-    (metrics.values) while prometheus_client is not yet imported.
+    every worker. It also takes the master's lease on the directory and, on a
+    cold start, wipes files of earlier runs: here, before Gunicorn loads the app
+    (``--preload`` creates the master's metric files before ``on_starting``).
+    Then it installs promfork's faster value store (metrics.values) while
+    prometheus_client is not yet imported. Safe to call again on HUP: the
+    directory and the lease are kept, and nothing is checked again (a full
+    disk must not stop a reloading master).
     """
+    global _master
     fast_values = False
     try:
         settings = load_settings()
         if settings.enabled:
-            directory = ensure_directory(settings.multiproc_dir)
-            if settings.multiproc_dir is None:
-                # Removed by on_exit normally; this covers a start that fails before that.
-                atexit.register(_remove_if_unused, directory, os.getpid())
+            if _master is not None and _master.lease is not None:
+                directory = _master.directory
+            else:
+                directory = ensure_directory(settings.multiproc_dir)
+                if settings.multiproc_dir is None:
+                    # Removed by on_exit normally; this covers a start that fails before that.
+                    atexit.register(_remove_if_unused, directory, os.getpid())
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
             settings = load_settings()
-            from metrics import values  # imports prometheus_client: only now that the variable is set
-
-            fast_values = values.install()
-            # prometheus-client creates its files with the process umask: keep them
-            # private to this user (the master and, by inheritance, every worker).
-            os.umask(os.umask(0o077) | 0o077)
     except (ConfigError, MultiprocDirError) as exc:
         sys.exit(f"promfork: configuration error: {exc}")
-    global _master
     if _master is None:
         _master = _MasterState(settings)
     else:
         _master.settings = settings
+    if settings.enabled:
+        if _master.lease is None:
+            _master.directory = directory
+            _master.lease = MasterLease(directory)
+            cold = _master.lease.acquire()
+            # A config that imported prometheus_client first may already have metrics (and files) of its own.
+            own = os.getpid() if "prometheus_client" in sys.modules else None
+            _master.stale_removed = wipe_stale_files(directory, keep_pid=own) if cold else None
+            _master.lease.keep()
+        from metrics import values  # imports prometheus_client: only now that the variable is set
+
+        fast_values = values.install()
     _master.fast_values = fast_values
     return settings
 
@@ -130,33 +143,34 @@ class _Lifecycle:
 
 
 def on_starting(server) -> None:
-    """Master start: take the directory lease and, on a cold start, wipe files of earlier runs."""
+    """Master start: report the directory and the value store, create the lifecycle metrics."""
     state = _state()
-    if not state.settings.enabled:
+    if not state.settings.enabled or state.lease is None:
         return
-    from metrics.collector import LibraryMetrics
+    from metrics.collector import library_metrics
     from metrics.multiproc import ensure_multiprocess_mode
     from metrics.process import MASTER, record_slot
 
     ensure_multiprocess_mode()
-    state.directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    state.lease = MasterLease(state.directory)
-    if state.lease.acquire():
-        removed = wipe_stale_files(state.directory)
-        server.log.info("promfork: metrics directory %s (cold start, %d stale files removed)", state.directory, removed)
+    if state.stale_removed is not None:
+        server.log.info(
+            "promfork: metrics directory %s (cold start, %d stale files removed)", state.directory, state.stale_removed
+        )
     else:
         server.log.info("promfork: metrics directory %s shared with a live master; keeping its files", state.directory)
-    state.lease.keep()
     if state.fast_values:
         server.log.info("promfork: metric values stored by metrics.values.MmapValue")
     else:
         server.log.warning(
             "promfork: prometheus_client created metrics before prepare_environment(); its own, slower value "
-            "store stays in use (totals are still exact)"
+            "store stays in use (totals are still exact, but dead workers' files are not compacted)"
         )
-    state.library = LibraryMetrics(state.settings)
+    state.library = library_metrics(state.settings)
     state.lifecycle = _Lifecycle(state.settings)
-    record_slot(state.directory, MASTER, os.getpid())
+    try:
+        record_slot(state.directory, MASTER, os.getpid())
+    except OSError as exc:
+        server.log.error("promfork: cannot record the master's slot (process_* metrics): %s", exc)
 
 
 def when_ready(server) -> None:
@@ -174,8 +188,15 @@ def when_ready(server) -> None:
         if result.quarantined:
             state.library.count_scrape_errors(len(result.quarantined))
 
-    state.compactor = Compactor(state.directory, protected, on_compacted=counted)
-    state.compactor.start()
+    if state.fast_values:
+        # Compaction relies on the writer lock promfork's value store takes (see metrics.compaction).
+        state.compactor = Compactor(
+            state.directory,
+            protected,
+            on_compacted=counted,
+            on_write_error=lambda exc: state.library.count_write_errors(1),
+        )
+        state.compactor.start()
     state.lifecycle.configured.set(server.num_workers)
     if state.settings.metrics_port is not None and state.server is None:
         from metrics.collector import exposition_registry
@@ -219,7 +240,10 @@ def post_fork(server, worker) -> None:
     ensure_multiprocess_mode()
     slot = getattr(worker, "promfork_slot", None)  # None when pre_fork is not assigned
     if slot is not None:
-        record_slot(state.directory, str(slot), os.getpid())
+        try:
+            record_slot(state.directory, str(slot), os.getpid())
+        except OSError as exc:
+            server.log.error("promfork: cannot record worker slot %s (process_* metrics): %s", slot, exc)
 
 
 def worker_abort(worker) -> None:
@@ -240,8 +264,13 @@ def worker_exit(server, worker) -> None:
         reason = "max_requests" if worker.nr >= worker.max_requests else "normal"
     else:
         reason = "error"
-    with contextlib.suppress(OSError), open(os.path.join(state.directory, f"{os.getpid()}.exit"), "w") as out:
-        out.write(reason)
+    path = os.path.join(state.directory, f"{os.getpid()}.exit")
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, reason.encode())
+        finally:
+            os.close(fd)
 
 
 def child_exit(server, worker) -> None:
@@ -254,7 +283,7 @@ def child_exit(server, worker) -> None:
     state = _state()
     if state.directory is None:
         return
-    from prometheus_client import multiprocess
+    from metrics.compaction import remove_live_gauges
 
     note = os.path.join(state.directory, f"{worker.pid}.exit")
     try:
@@ -265,7 +294,10 @@ def child_exit(server, worker) -> None:
         reason = "timeout" if worker.aborted else "signal"
     state.lifecycle.exits.labels(reason if reason in EXIT_REASONS else "error").inc()
     state.lifecycle.workers.set(len(server.WORKERS))
-    multiprocess.mark_process_dead(worker.pid, state.directory)
+    try:
+        remove_live_gauges(state.directory, worker.pid)
+    except OSError as exc:
+        server.log.error("promfork: cannot remove live gauges of worker %d: %s", worker.pid, exc)
     if state.compactor is not None:
         state.compactor.worker_died(worker.pid)
 

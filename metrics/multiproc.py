@@ -119,11 +119,14 @@ def is_private(path: str) -> bool:
     return os.path.exists(os.path.join(path, PRIVATE_MARKER))
 
 
-def wipe_stale_files(path: str) -> int:
-    """Delete every metric, journal and scratch file of an earlier run; return how many."""
+def wipe_stale_files(path: str, keep_pid: int | None = None) -> int:
+    """Delete every metric, journal and scratch file of an earlier run, except `keep_pid`'s; return how many."""
     removed = 0
+    kept = f"_{keep_pid}.db"
     for entry in os.scandir(path):
         if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+            continue
+        if keep_pid is not None and entry.name.endswith(kept):
             continue
         if entry.name.endswith((".db", ".new", ".journal", ".journal.tmp", ".exit", ".slot")):
             with contextlib.suppress(FileNotFoundError):

@@ -28,8 +28,14 @@ def record_slot(directory: str, slot: str, pid: int) -> None:
     """Write `<slot>.slot` naming `pid` (atomic replace)."""
     path = os.path.join(directory, f"{slot}.slot")
     tmp = f"{path}.{pid}.tmp"
-    with open(tmp, "w") as out:
-        out.write(str(pid))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, str(pid).encode())
+    except OSError:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
     os.replace(tmp, path)
 
 

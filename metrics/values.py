@@ -11,7 +11,14 @@ the stock ``MultiProcessCollector`` included, sees no difference, and:
 * learns about a fork from ``os.register_at_fork`` instead of a syscall per update;
 * holds its file position, so an update is one add and one aligned 8-byte store;
 * keeps one lock per process, as prometheus-client does: updates from threads
-  (gthread workers) are never lost, and a fork never inherits it held.
+  (gthread workers) are never lost, and a fork never inherits it held;
+* never fails the caller. When a value cannot be stored (the disk is full, the
+  file is damaged or held by compaction), it is kept in memory and counted in
+  the write-errors counter (``report_write_errors_to``); a line is logged at
+  most once a minute per process; every update retries at most once a second,
+  and once storage works again every value held in memory is written, so a
+  process that lives through the fault loses nothing. A stock value would die
+  with SIGBUS instead (its file pages are not allocated ahead).
 
 Importing this module imports prometheus_client: do it only once
 PROMETHEUS_MULTIPROC_DIR is set. ``install()`` puts MmapValue in place before
@@ -21,50 +28,150 @@ process: they would write the same files through a second, unaware writer.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import threading
+import time
 from bisect import bisect_left
 
-from metrics.dbfiles import ValueFile, parse_name
+from metrics.dbfiles import CorruptFile, ValueFile, parse_name
+
+log = logging.getLogger("promfork.values")
+
+RETRY_INTERVAL = 1.0  # seconds between attempts to store values again
+LOG_INTERVAL = 60.0  # seconds between two "cannot store" lines of one process
 
 
 class _Process:
-    """The value files of the current process; replaced in a forked child."""
+    """The value files of one process (the current one; a forked child makes its own)."""
 
-    def __init__(self) -> None:
-        self.pid = os.getpid()
+    def __init__(self, pid: int | None = None) -> None:
+        self.pid = os.getpid() if pid is None else pid
         self.files: dict[str, ValueFile] = {}
         self.lock = threading.Lock()
+        self.unstored: set[MmapValue] = set()  # values held in memory only, until storage works again
+        self.unstored_updates = 0  # since the last log line
+        self.retry_at = 0.0
+        self.logged_at: float | None = None
 
     def file(self, prefix: str) -> ValueFile:
-        """This process's file for `prefix` (``counter``, ``gauge_livesum``...), opened on first use."""
+        """This process's file for `prefix` (``counter``, ``gauge_livesum``...), opened on first use.
+
+        Raises OSError when it cannot be created (full disk, held by compaction).
+        A damaged file is set aside and replaced by a new one.
+        """
         found = self.files.get(prefix)
         if found is None:
             directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
             if not directory:
                 raise RuntimeError("PROMETHEUS_MULTIPROC_DIR is not set; metrics.values needs it in every process")
-            found = self.files[prefix] = ValueFile(os.path.join(directory, f"{prefix}_{self.pid}.db"))
+            name = f"{prefix}_{self.pid}.db"
+            try:
+                found = ValueFile(os.path.join(directory, name))
+            except CorruptFile as exc:
+                from metrics.compaction import quarantine
+
+                quarantine(directory, name, str(exc))
+                found = ValueFile(os.path.join(directory, name))
+            self.files[prefix] = found
         return found
+
+    def close(self) -> None:
+        """Unmap and close every file (their locks go with them)."""
+        for file in self.files.values():
+            with contextlib.suppress(Exception):
+                file.close()
+        self.files.clear()
+
+    def held_in_memory(self, count: int, error: BaseException | None = None) -> None:
+        """Note `count` updates that could not be stored; count them, log (rate-limited) and retry. Lock held."""
+        self.unstored_updates += count
+        counter = _write_errors
+        if counter is not None:
+            _add(counter, float(count), self)
+        now = time.monotonic()
+        if self.logged_at is None or now - self.logged_at >= LOG_INTERVAL:
+            reason = f": {error}" if error is not None else ""
+            log.error(
+                "promfork: cannot store metric values in %s (pid %d)%s; %d updates held in memory, "
+                "counted in metrics_write_errors_total; retrying every %.0fs",
+                os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
+                self.pid,
+                reason,
+                self.unstored_updates,
+                RETRY_INTERVAL,
+            )
+            self.logged_at = now
+            self.unstored_updates = 0
+        self.retry_soon()
+
+    def retry_soon(self) -> None:
+        """Try to store the values held in memory, unless the last attempt was under a second ago. Lock held."""
+        now = time.monotonic()
+        if now >= self.retry_at:
+            self.retry_at = now + RETRY_INTERVAL
+            self.store_again()
+
+    def store_again(self) -> None:
+        """Try to write every value held in memory to its file. Lock held."""
+        for value in list(self.unstored):
+            try:
+                value._store_held(self)
+            except Exception:
+                return  # still failing: try again later
+            self.unstored.discard(value)
+        if self.logged_at is not None:
+            log.warning(
+                "promfork: metric values stored again in %s (pid %d)",
+                os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
+                self.pid,
+            )
+            self.logged_at = None
+            self.unstored_updates = 0
 
 
 _process = _Process()
+_write_errors: MmapValue | None = None  # the metrics_write_errors_total value, once registered
 
 
 def _forked() -> None:
-    # The child starts with its own files and lock. The parent's mappings are not
-    # closed here: they are the child's copies and die with it.
+    # The child starts with its own files and lock. Its copies of the parent's
+    # mappings are closed: they would hold the parent's file locks for as long as
+    # the child lives, keeping compaction away from them after the parent dies.
     global _process
+    inherited = _process
     _process = _Process()
+    inherited.close()
 
 
 os.register_at_fork(after_in_child=_forked)
+
+
+def report_write_errors_to(counter) -> None:
+    """Count updates that could not be stored in `counter` (a Counter without labels, stored by MmapValue)."""
+    global _write_errors
+    value = getattr(counter, "_value", None)
+    _write_errors = value if type(value) is MmapValue else None
+
+
+def _add(value: MmapValue, amount: float, process: _Process) -> bool:
+    """Add `amount` to `value` in `process`; True when stored, False when held in memory. Lock held."""
+    if value._owner is not process:
+        value._open(process)
+    value._value = total = value._value + amount
+    file = value._file
+    if file is None:
+        return False
+    file.doubles[value._slot] = total
+    return True
 
 
 class MmapValue:
     """One sample of one series, stored in this process's metric file (prometheus-client's value interface)."""
 
     _multiprocess = True
-    __slots__ = ("_file", "_key", "_owner", "_prefix", "_slot", "_value")
+    __slots__ = ("__weakref__", "_file", "_key", "_owner", "_prefix", "_slot", "_timestamp", "_value")
 
     def __init__(
         self, typ, metric_name, name, labelnames, labelvalues, help_text, multiprocess_mode="", **_kwargs
@@ -73,24 +180,44 @@ class MmapValue:
 
         self._prefix = f"gauge_{multiprocess_mode}" if typ == "gauge" else typ
         self._key = mmap_key(metric_name, name, labelnames, labelvalues, help_text)
-        with _process.lock:
-            self._open(_process)
+        self._timestamp = 0.0
+        process = _process
+        with process.lock:
+            self._open(process)
 
     def _open(self, process: _Process) -> None:
-        """Find (or create) this sample in `process`'s file and load its stored value. Lock held."""
+        """Find (or create) this sample in `process`'s file and load its stored value. Lock held.
+
+        When the file cannot be used the value starts at 0 in memory (see the module docstring).
+        """
         self._owner = process
-        self._file = process.file(self._prefix)
-        self._slot = self._file.slot(self._key)
+        try:
+            self._file = process.file(self._prefix)
+            self._slot = self._file.slot(self._key)
+        except Exception as exc:  # OSError mostly; never fail the caller's request
+            self._file = None
+            self._slot = -1
+            self._value = 0.0
+            process.unstored.add(self)
+            process.held_in_memory(0, exc)
+            return
         self._value = self._file.doubles[self._slot]
+
+    def _store_held(self, process: _Process) -> None:
+        """Write the value held in memory to its file; raises while that is still impossible. Lock held."""
+        file = process.file(self._prefix)
+        slot = file.slot(self._key)
+        file.set(slot, self._value, self._timestamp)
+        self._file, self._slot = file, slot
 
     def inc(self, amount: float) -> None:
         """Add `amount` and store the new total."""
         process = _process
         with process.lock:
-            if self._owner is not process:
-                self._open(process)  # first use after a fork: this process's own file
-            self._value = value = self._value + amount
-            self._file.doubles[self._slot] = value
+            if not _add(self, amount, process):
+                process.held_in_memory(1)
+            elif process.unstored:
+                process.retry_soon()
 
     def set(self, value: float, timestamp: float | None = None) -> None:
         """Store `value` (with `timestamp` for the mostrecent gauge modes)."""
@@ -99,10 +226,16 @@ class MmapValue:
             if self._owner is not process:
                 self._open(process)
             self._value = value
-            self._file.set(self._slot, value, timestamp or 0.0)
+            self._timestamp = timestamp or 0.0
+            if self._file is None:
+                process.held_in_memory(1)
+                return
+            self._file.set(self._slot, value, self._timestamp)
+            if process.unstored:
+                process.retry_soon()
 
     def get(self) -> float:
-        """The stored value."""
+        """The current value (stored, or held in memory)."""
         process = _process
         with process.lock:
             if self._owner is not process:
@@ -152,6 +285,9 @@ class Samples:
         try:
             if self._owner is not process:
                 self._adopt(process)
+            if process.unstored:
+                self._update_held(process, amounts)
+                return
             # MmapValue.inc, inlined: this loop is most of what a request costs.
             for (total, bounds, buckets), amount in zip(direct, amounts):  # noqa: B905
                 total._value = value = total._value + amount
@@ -164,6 +300,20 @@ class Samples:
                         bucket._file.doubles[bucket._slot] = value
         finally:
             lock.release()
+
+    def _update_held(self, process: _Process, amounts: tuple[float, ...]) -> None:
+        """``update`` while some values of this process cannot be stored. Lock held."""
+        unstored = 0
+        for (total, bounds, buckets), amount in zip(self._direct, amounts):  # noqa: B905
+            unstored += not _add(total, amount, process)
+            if bounds is not None:
+                index = bisect_left(bounds, amount)
+                if amount <= bounds[index]:
+                    unstored += not _add(buckets[index], 1.0, process)
+        if unstored:
+            process.held_in_memory(unstored)
+        else:
+            process.retry_soon()
 
     def _adopt(self, process: _Process) -> None:
         """Point every value at `process`'s files (first update, or first after a fork). Lock held."""
