@@ -158,7 +158,8 @@ def exposition_registry(settings: Settings) -> CollectorRegistry:
     registers by accident leaks into (or doubles) the aggregated exposition.
     """
     directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    registry = CollectorRegistry(auto_describe=False)
+    # Our collectors have no describe(): without the flag, ?name[]= filtering would answer nothing.
+    registry = CollectorRegistry(auto_describe=False, support_collectors_without_names=True)
     registry.register(AggregatingCollector(directory, library_metrics(settings), settings.const_labels))
     registry.register(WorkerProcessCollector(directory, settings.namespace, settings.const_labels))
     return registry

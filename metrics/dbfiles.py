@@ -295,12 +295,13 @@ class ValueFile:
         self._fd = open_for_writing(path, lock_wait)
         self._mmap: mmap.mmap | None = None
         self.doubles: memoryview | None = None
+        found = -1
         try:
-            size = os.fstat(self._fd).st_size
-            if size % 8:
-                raise CorruptFile(f"{os.path.basename(path)}: size {size} is not a multiple of 8")
+            found = os.fstat(self._fd).st_size
+            if found % 8:
+                raise CorruptFile(f"{os.path.basename(path)}: size {found} is not a multiple of 8")
             # Allocate every page now (a file continued from an earlier process may be sparse).
-            size = max(size, _INITIAL_SIZE)
+            size = max(found, _INITIAL_SIZE)
             os.posix_fallocate(self._fd, 0, size)
             self._map(size)
             self._slots: dict[str, int] = {}
@@ -311,6 +312,9 @@ class ValueFile:
             else:
                 self._index()
         except BaseException:
+            if found == 0:  # created here, never sized: an empty file would read as damage
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
             self.close()
             raise
 

@@ -3,8 +3,10 @@
 prometheus-client's ``make_wsgi_app`` does the format work (text 0.0.4 by
 default, OpenMetrics when ``Accept`` asks for it, gzip when accepted, ``name[]``
 filtering); this module adds what a production endpoint also needs: optional
-``Authorization: Bearer`` checked in constant time, JSON errors, and a 503 with
-``Retry-After`` instead of a stack trace when the directory stays locked.
+``Authorization: Bearer`` checked in constant time, JSON errors, a 503 with
+``Retry-After`` instead of a stack trace when the directory stays locked,
+``Content-Length``, and HEAD (prometheus-client answers it 405): the headers a
+GET would get, without the body.
 """
 
 from __future__ import annotations
@@ -19,10 +21,31 @@ from metrics.multiproc import LockTimeout
 
 log = logging.getLogger("promfork.exposition")
 
+ALLOW = "GET, HEAD, OPTIONS"
+
 
 def _json_error(start_response, status: str, message: str, extra_headers=()):
     body = json.dumps({"error": {"message": message, "type": "metrics_error", "code": status.split()[0]}}).encode()
     headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *extra_headers]
+    start_response(status, headers)
+    return [body]
+
+
+def _with_content_length(app, environ, start_response):
+    """Run `app` as a GET, then send its whole body with a Content-Length header."""
+    answer = []
+
+    def capture(status, headers, exc_info=None):
+        answer[:] = [status, headers]
+
+    chunks = app({**environ, "REQUEST_METHOD": "GET"}, capture)
+    try:
+        body = b"".join(chunks)
+    finally:
+        if hasattr(chunks, "close"):
+            chunks.close()
+    status, headers = answer
+    headers = [h for h in headers if h[0].lower() != "content-length"] + [("Content-Length", str(len(body)))]
     start_response(status, headers)
     return [body]
 
@@ -32,9 +55,12 @@ def make_metrics_app(registry: CollectorRegistry, auth_token: str | None = None)
     expose = make_wsgi_app(registry)
     expected = f"Bearer {auth_token}".encode() if auth_token else None
 
-    def metrics_app(environ, start_response):
-        if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
-            return _json_error(start_response, "405 Method Not Allowed", "use GET", [("Allow", "GET, HEAD")])
+    def answer(method: str, environ, start_response):
+        if method == "OPTIONS":
+            start_response("200 OK", [("Allow", ALLOW), ("Content-Length", "0")])
+            return []
+        if method not in ("GET", "HEAD"):
+            return _json_error(start_response, "405 Method Not Allowed", f"use {ALLOW}", [("Allow", ALLOW)])
         if expected is not None:
             given = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1", "replace")
             if not hmac.compare_digest(given, expected):
@@ -45,10 +71,15 @@ def make_metrics_app(registry: CollectorRegistry, auth_token: str | None = None)
                     [("WWW-Authenticate", 'Bearer realm="metrics"')],
                 )
         try:
-            return expose(environ, start_response)
+            return _with_content_length(expose, environ, start_response)
         except LockTimeout as exc:
             log.error("promfork: scrape gave up waiting for the metrics lock: %s", exc)
             return _json_error(start_response, "503 Service Unavailable", str(exc), [("Retry-After", "1")])
+
+    def metrics_app(environ, start_response):
+        method = environ.get("REQUEST_METHOD", "GET")
+        body = answer(method, environ, start_response)
+        return [] if method == "HEAD" else body
 
     return metrics_app
 

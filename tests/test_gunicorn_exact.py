@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import assert_never_decreases, chat, counter_samples, request, scrape, value, wait_until
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.integration
 
@@ -150,27 +151,54 @@ def test_totals_equal_what_clients_received_under_worker_recycling(gunicorn_fact
     assert routes <= {CHAT, "unmatched", "/healthz"}, routes
 
 
+HISTOGRAMS = (
+    "http_request_duration_seconds",
+    "http_request_size_bytes",
+    "http_response_size_bytes",
+    "llm_provider_request_duration_seconds",
+    "llm_time_to_first_token_seconds",
+)
+
+
+def as_set(samples) -> set[tuple]:
+    return {(s.name, tuple(sorted(s.labels.items())), s.value) for s in samples}
+
+
 def test_exposition_formats_and_promtool(gunicorn_factory):
     server = gunicorn_factory(workers=2)
+    # Several label sets per histogram (method, route; provider, model), spread over both workers.
     for i in range(20):
-        chat(
-            server.port,
-            {"model": "mock-small", "messages": [{"role": "user", "content": f"m{i}"}], "stream": i % 2 == 0},
-        )
+        model = ("mock-small", "mock-large")[i % 2]
+        chat(server.port, {"model": model, "messages": [{"role": "user", "content": f"m{i}"}], "stream": i % 4 < 2})
+        request("GET", server.port, "/healthz")
+        request("GET", server.port, f"/no/such/path/{i}")
+    request("POST", server.port, CHAT, b'{"model": "mock-small", "messages": [')
+    chat(server.port, {"model": "gpt-unknown", "messages": [{"role": "user", "content": "x"}]})
 
     status, headers, body = request("GET", server.port, "/metrics")
     assert status == 200
     assert headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = {f.name: f for f in text_string_to_metric_families(body.decode())}
 
     status, headers, om = request("GET", server.port, "/metrics", headers={"Accept": "application/openmetrics-text"})
     assert status == 200 and headers["content-type"].startswith("application/openmetrics-text")
     assert om.decode().rstrip().endswith("# EOF")
-    assert any(f.name == "http_requests" for f in parse_openmetrics(om.decode()))
+    openmetrics = {f.name: f for f in parse_openmetrics(om.decode())}  # the whole exposition, to # EOF
+    assert "http_requests" in openmetrics
+    for name in HISTOGRAMS:
+        assert openmetrics[name].type == text[name].type == "histogram", name
+        label_sets = {tuple(sorted((k, v) for k, v in s.labels.items() if k != "le")) for s in text[name].samples}
+        assert len(label_sets) >= 2, f"{name}: {label_sets}"
+        assert as_set(openmetrics[name].samples) == as_set(text[name].samples), name
+    routes = {s.labels["route"] for s in openmetrics["http_request_duration_seconds"].samples}
+    assert routes >= {CHAT, "/healthz", "unmatched"}
 
     status, headers, zipped = request("GET", server.port, "/metrics", headers={"Accept-Encoding": "gzip"})
     assert headers.get("content-encoding") == "gzip"
     assert b"http_requests_total" in gzip.decompress(zipped)
 
+    # promtool check metrics (2.42, Debian) reads the 0.0.4 text format only: given OpenMetrics it
+    # reports every counter as having no HELP (the family name lacks _total), so only text is checked.
     promtool = shutil.which("promtool")
     assert promtool, "promtool missing: apt-get install prometheus (make test does it when run as root)"
     check = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=30)
