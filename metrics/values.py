@@ -15,7 +15,8 @@ the stock ``MultiProcessCollector`` included, sees no difference, and:
 * never fails the caller. When a value cannot be stored (the disk is full, the
   file is damaged or held by compaction), it is kept in memory and counted in
   the write-errors counter (``report_write_errors_to``); a line is logged at
-  most once a minute per process; every update retries at most once a second,
+  most once a minute per process; updates (and, in an idle process, a small
+  thread that lives only while something is held) retry at most once a second,
   and once storage works again every value held in memory is written, so a
   process that lives through the fault loses nothing. A stock value would die
   with SIGBUS instead (its file pages are not allocated ahead).
@@ -54,6 +55,7 @@ class _Process:
         self.unstored_updates = 0  # since the last log line
         self.retry_at = 0.0
         self.logged_at: float | None = None
+        self.retrying: threading.Thread | None = None
 
     def file(self, prefix: str) -> ValueFile:
         """This process's file for `prefix` (``counter``, ``gauge_livesum``...), opened on first use.
@@ -105,6 +107,21 @@ class _Process:
             self.logged_at = now
             self.unstored_updates = 0
         self.retry_soon()
+        if self.unstored and self.retrying is None:
+            # An idle process gets no updates to retry on: this thread stores what it holds.
+            self.retrying = threading.Thread(target=self._retry_until_stored, name="promfork-store", daemon=True)
+            self.retrying.start()
+
+    def _retry_until_stored(self) -> None:
+        while True:
+            time.sleep(RETRY_INTERVAL)
+            with self.lock:
+                if _process is not self:
+                    return  # forked: this is the parent's state, not ours
+                self.retry_soon()
+                if not self.unstored:
+                    self.retrying = None
+                    return
 
     def retry_soon(self) -> None:
         """Try to store the values held in memory, unless the last attempt was under a second ago. Lock held."""
