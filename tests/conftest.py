@@ -234,3 +234,11 @@ def assert_never_decreases(snapshots: list[dict]) -> None:
             new = after.get(key)
             assert new is not None, f"{key} disappeared between scrapes"
             assert new >= old, f"{key} went backwards: {old} -> {new}"
+
+
+@pytest.fixture
+def mpdir(tmp_path: Path) -> Path:
+    """An empty private multiprocess directory."""
+    d = tmp_path / "mp"
+    d.mkdir(mode=0o700)
+    return d

@@ -89,13 +89,6 @@ def without_live_and_all(view: dict) -> dict:
     return {k: v for k, v in view.items() if not k[0].startswith(("busy_livesum", "temp_all"))}
 
 
-@pytest.fixture
-def mpdir(tmp_path: Path) -> Path:
-    d = tmp_path / "mp"
-    d.mkdir(mode=0o700)
-    return d
-
-
 def test_stock_collector_reports_same_totals_after_compaction(mpdir):
     wrote = run_dead_workers(mpdir, 12)
     before = stock_view(mpdir)

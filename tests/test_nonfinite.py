@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 from test_compaction import compact_all, promfork_view
 
@@ -55,13 +54,6 @@ def order_dependent(key: tuple) -> bool:
     mode = name.removeprefix("level_").removeprefix("live")
     mixed = ("case", "nan_first") in labels or ("case", "nan_second") in labels
     return mixed and mode in ("min", "max")
-
-
-@pytest.fixture
-def mpdir(tmp_path: Path) -> Path:
-    d = tmp_path / "mp"
-    d.mkdir(mode=0o700)
-    return d
 
 
 def test_nonfinite_values_aggregate_as_stock_does(mpdir):

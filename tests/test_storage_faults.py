@@ -228,9 +228,8 @@ store.close()
 """
 
 
-def test_a_file_a_live_process_holds_is_never_folded_whatever_its_pid_says(tmp_path: Path):
-    directory = tmp_path / "mp"
-    directory.mkdir()
+def test_a_file_a_live_process_holds_is_never_folded_whatever_its_pid_says(mpdir: Path):
+    directory = mpdir
     wrote = run_dead_workers(directory, 2)
     reused = wrote[0]["pid"]
     key = mmap_key("jobs", "jobs_total", ["kind"], ["a"], "Jobs.")
@@ -259,9 +258,8 @@ def test_a_file_a_live_process_holds_is_never_folded_whatever_its_pid_says(tmp_p
     assert stock_view(directory)[("jobs_total", ("kind", "a"))] == before + 6
 
 
-def test_a_writer_that_opens_a_file_during_its_compaction_gets_a_new_file(tmp_path: Path):
-    directory = tmp_path / "mp"
-    directory.mkdir()
+def test_a_writer_that_opens_a_file_during_its_compaction_gets_a_new_file(mpdir: Path):
+    directory = mpdir
     wrote = run_dead_workers(directory, 1)
     path = str(directory / f"counter_{wrote[0]['pid']}.db")
     claimed = dbfiles.claim(path)
@@ -283,9 +281,8 @@ def test_a_writer_that_opens_a_file_during_its_compaction_gets_a_new_file(tmp_pa
     assert opened["entries"] == {}  # a fresh file, not the retired one
 
 
-def test_crash_after_retiring_loses_and_doubles_nothing(tmp_path: Path):
-    directory = tmp_path / "mp"
-    directory.mkdir()
+def test_crash_after_retiring_loses_and_doubles_nothing(mpdir: Path):
+    directory = mpdir
     run_dead_workers(directory, 4)
     expected = promfork_view(directory)
     crash = (
@@ -305,9 +302,8 @@ def test_crash_after_retiring_loses_and_doubles_nothing(tmp_path: Path):
     assert without_live_and_all(promfork_view(directory)) == without_live_and_all(expected)
 
 
-def test_dropping_all_mode_gauges_is_logged_once_per_gauge(tmp_path: Path, caplog):
-    directory = tmp_path / "mp"
-    directory.mkdir()
+def test_dropping_all_mode_gauges_is_logged_once_per_gauge(mpdir: Path, caplog):
+    directory = mpdir
     compactor = compaction.Compactor(str(directory), protected=set)
     dead = []
     for batch in range(2):
@@ -321,9 +317,8 @@ def test_dropping_all_mode_gauges_is_logged_once_per_gauge(tmp_path: Path, caplo
     assert not [pid for pid in dead if (directory / f"gauge_all_{pid}.db").exists()]
 
 
-def test_an_all_zero_file_reads_as_empty_as_in_prometheus_client(tmp_path: Path):
-    directory = tmp_path / "mp"
-    directory.mkdir()
+def test_an_all_zero_file_reads_as_empty_as_in_prometheus_client(mpdir: Path):
+    directory = mpdir
     run_dead_workers(directory, 1)
     (directory / "counter_4000001.db").write_bytes(bytes(65536))  # created, never written; owner gone
     expected = stock_view(directory)
