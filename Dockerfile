@@ -2,6 +2,7 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md gunicorn.conf.py ./
 COPY metrics ./metrics
+COPY loadtest ./loadtest
 COPY webapp ./webapp
 RUN pip install --no-cache-dir . && useradd --uid 10001 --no-create-home promfork
 USER 10001

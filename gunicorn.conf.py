@@ -1,4 +1,4 @@
-"""Gunicorn settings for the gateway. Every metrics hook lives in metrics.gunicorn.
+"""Gunicorn settings for the gateway. Every metrics hook lives in promfork.gunicorn.
 
 Standard Gunicorn settings keep working unchanged: --bind, --workers,
 WEB_CONCURRENCY, --max-requests and GUNICORN_CMD_ARGS override what is here.
@@ -6,7 +6,7 @@ WEB_CONCURRENCY, --max-requests and GUNICORN_CMD_ARGS override what is here.
 
 import os
 
-from metrics import gunicorn as hooks
+from promfork import gunicorn as hooks
 from webapp.settings import check_gateway_environment
 
 # First, before anything imports prometheus_client: validate METRICS_* and export

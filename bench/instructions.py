@@ -37,7 +37,7 @@ SHORT, LONG = 300, 1300
 
 def drive(requests: int) -> None:
     """In the measured process: build the app as gunicorn.conf.py would and serve `requests` requests."""
-    from metrics import gunicorn as hooks
+    from promfork import gunicorn as hooks
 
     hooks.prepare_environment()
     if os.environ.get("BENCH_STOCK_VALUES"):

@@ -33,10 +33,10 @@ os.environ["PROMETHEUS_MULTIPROC_DIR"] = SOURCE
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 from prometheus_client.multiprocess import MultiProcessCollector  # noqa: E402
 
-from metrics import compaction, dbfiles  # noqa: E402
-from metrics.collector import AggregatingCollector, LibraryMetrics  # noqa: E402
-from metrics.config import Settings  # noqa: E402
-from metrics.multiproc import DirectoryLock  # noqa: E402
+from promfork import compaction, dbfiles  # noqa: E402
+from promfork.collector import AggregatingCollector, LibraryMetrics  # noqa: E402
+from promfork.config import Settings  # noqa: E402
+from promfork.multiproc import DirectoryLock  # noqa: E402
 from webapp.app import create_app  # noqa: E402
 from webapp.settings import GatewaySettings  # noqa: E402
 

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.mix import CHAT, DEFAULT_MIX, RequestMix, RequestSpec, parse_mix
+from promfork.loadtest.mix import CHAT, DEFAULT_MIX, RequestMix, RequestSpec, parse_mix
 
 DOUBT_MARGIN_S = 0.25  # a stream the client finished this close to a kill may have been closed uncounted
 

@@ -13,7 +13,7 @@ import itertools
 
 from locust import FastHttpUser, task
 
-from loadtest.mix import RequestMix
+from promfork.loadtest.mix import RequestMix
 
 _seeds = itertools.count(1)
 

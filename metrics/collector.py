@@ -1,8 +1,8 @@
 """The aggregating collector: one exposition from every worker's files and the archives.
 
-It reads under the shared files lock (see metrics.multiproc), so a concurrent
+It reads under the shared files lock (see promfork.multiproc), so a concurrent
 compaction never makes a scrape count a dead worker twice or not at all, and it
-merges exactly (metrics.merge), so totals never dip by a rounding error. Damaged
+merges exactly (promfork.merge), so totals never dip by a rounding error. Damaged
 files are skipped, counted in ``metrics_scrape_errors_total`` and set aside; the
 scrape still answers.
 """
@@ -17,12 +17,12 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from metrics import compaction, dbfiles
-from metrics.compaction import is_alive
-from metrics.config import Settings
-from metrics.merge import merge_files
-from metrics.multiproc import DirectoryLock, fork_guard
-from metrics.process import WorkerProcessCollector
+from promfork import compaction, dbfiles
+from promfork.compaction import is_alive
+from promfork.config import Settings
+from promfork.merge import merge_files
+from promfork.multiproc import DirectoryLock, fork_guard
+from promfork.process import WorkerProcessCollector
 
 log = logging.getLogger("promfork.collector")
 
@@ -78,7 +78,7 @@ def library_metrics(settings: Settings) -> LibraryMetrics:
     """This process's LibraryMetrics for the settings' namespace; the value store reports write errors to it."""
     found = _library.get(settings.namespace)
     if found is None:
-        from metrics import values
+        from promfork import values
 
         found = _library[settings.namespace] = LibraryMetrics(settings)
         values.report_write_errors_to(found.write_errors)

@@ -38,7 +38,7 @@ or dead) die with their process too: kept, they would add a series for every
 worker that ever lived. The first time the compactor drops one it logs the
 gauge's name and the modes that aggregate instead.
 
-This module relies on promfork's value store (metrics.values) taking the writer
+This module relies on promfork's value store (promfork.values) taking the writer
 lock. With prometheus-client's own value class no writer holds it, so the
 Gunicorn hooks do not compact at all then (dead workers' files are kept, as
 stock does).
@@ -55,8 +55,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from metrics import dbfiles
-from metrics.multiproc import DirectoryLock
+from promfork import dbfiles
+from promfork.multiproc import DirectoryLock
 
 log = logging.getLogger("promfork.compaction")
 

@@ -12,7 +12,7 @@ promfork adds two owners besides a pid: ``archive`` (``counter_archive.db``),
 the folded values of dead processes, and ``<pid>-<inode>`` (``counter_812-4471.db``),
 a dead process's file that compaction has *retired*: renamed away from the name
 its process writes, so that no process can open it again (see
-metrics.compaction). The stock ``MultiProcessCollector`` reads both as one more
+promfork.compaction). The stock ``MultiProcessCollector`` reads both as one more
 dead process. In archive entries of summed kinds (counter, histogram, summary,
 ``sum`` gauges) the timestamp double, which prometheus-client ignores for those
 kinds, holds the rounding remainder of the folded total (value + remainder is

@@ -17,7 +17,7 @@ import logging
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-from metrics.multiproc import LockTimeout
+from promfork.multiproc import LockTimeout
 
 log = logging.getLogger("promfork.exposition")
 

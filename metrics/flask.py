@@ -28,10 +28,10 @@ from flask import Flask
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
-from metrics.config import Settings, load_settings
-from metrics.exposition import disabled_app, make_metrics_app
-from metrics.multiproc import ensure_multiprocess_mode
-from metrics.values import Samples
+from promfork.config import Settings, load_settings
+from promfork.exposition import disabled_app, make_metrics_app
+from promfork.multiproc import ensure_multiprocess_mode
+from promfork.values import Samples
 
 UNMATCHED = "unmatched"
 ROUTE_KEY = "promfork.route"
@@ -69,7 +69,7 @@ class HttpMetrics:
         # Metrics in multiprocess mode live in files, not in any registry.
         self.registry = None if multiprocess else CollectorRegistry()
         if multiprocess:
-            from metrics.collector import exposition_registry
+            from promfork.collector import exposition_registry
 
             exposed = exposition_registry(settings)
         else:

@@ -21,8 +21,8 @@ import shutil
 import sys
 from dataclasses import dataclass
 
-from metrics.config import ConfigError, Settings, load_settings
-from metrics.multiproc import MasterLease, MultiprocDirError, ensure_directory, is_private, wipe_stale_files
+from promfork.config import ConfigError, Settings, load_settings
+from promfork.multiproc import MasterLease, MultiprocDirError, ensure_directory, is_private, wipe_stale_files
 
 EXIT_REASONS = ("normal", "max_requests", "timeout", "signal", "error")
 
@@ -32,11 +32,11 @@ class _MasterState:
     settings: Settings
     directory: str | None = None
     lease: MasterLease | None = None
-    compactor: object | None = None  # metrics.compaction.Compactor (imported once the env is set)
-    library: object | None = None  # metrics.collector.LibraryMetrics
+    compactor: object | None = None  # promfork.compaction.Compactor (imported once the env is set)
+    library: object | None = None  # promfork.collector.LibraryMetrics
     lifecycle: object | None = None  # _Lifecycle
-    server: object | None = None  # metrics.server.MetricsServer
-    fast_values: bool = False  # metrics.values.MmapValue stores the values (else prometheus-client's class)
+    server: object | None = None  # promfork.server.MetricsServer
+    fast_values: bool = False  # promfork.values.MmapValue stores the values (else prometheus-client's class)
     stale_removed: int | None = None  # files of earlier runs wiped at a cold start; None when shared
 
 
@@ -51,7 +51,7 @@ def prepare_environment() -> Settings:
     every worker. It also takes the master's lease on the directory and, on a
     cold start, wipes files of earlier runs: here, before Gunicorn loads the app
     (``--preload`` creates the master's metric files before ``on_starting``).
-    Then it installs promfork's faster value store (metrics.values) while
+    Then it installs promfork's faster value store (promfork.values) while
     prometheus_client is not yet imported. Safe to call again on HUP: the
     directory and the lease are kept, and nothing is checked again (a full
     disk must not stop a reloading master).
@@ -85,7 +85,7 @@ def prepare_environment() -> Settings:
             own = os.getpid() if "prometheus_client" in sys.modules else None
             _master.stale_removed = wipe_stale_files(directory, keep_pid=own) if cold else None
             _master.lease.keep()
-        from metrics import values  # imports prometheus_client: only now that the variable is set
+        from promfork import values  # imports prometheus_client: only now that the variable is set
 
         fast_values = values.install()
     _master.fast_values = fast_values
@@ -107,7 +107,7 @@ def _remove_if_unused(directory: str, creator: int) -> None:
 
 def _state() -> _MasterState:
     if _master is None:
-        raise RuntimeError("call metrics.gunicorn.prepare_environment() at the top of gunicorn.conf.py")
+        raise RuntimeError("call promfork.gunicorn.prepare_environment() at the top of gunicorn.conf.py")
     return _master
 
 
@@ -147,9 +147,9 @@ def on_starting(server) -> None:
     state = _state()
     if not state.settings.enabled or state.lease is None:
         return
-    from metrics.collector import library_metrics
-    from metrics.multiproc import ensure_multiprocess_mode
-    from metrics.process import MASTER, record_slot
+    from promfork.collector import library_metrics
+    from promfork.multiproc import ensure_multiprocess_mode
+    from promfork.process import MASTER, record_slot
 
     ensure_multiprocess_mode()
     if state.stale_removed is not None:
@@ -159,7 +159,7 @@ def on_starting(server) -> None:
     else:
         server.log.info("promfork: metrics directory %s shared with a live master; keeping its files", state.directory)
     if state.fast_values:
-        server.log.info("promfork: metric values stored by metrics.values.MmapValue")
+        server.log.info("promfork: metric values stored by promfork.values.MmapValue")
     else:
         server.log.warning(
             "promfork: prometheus_client created metrics before prepare_environment(); its own, slower value "
@@ -178,7 +178,7 @@ def when_ready(server) -> None:
     state = _state()
     if state.directory is None:
         return
-    from metrics.compaction import Compactor
+    from promfork.compaction import Compactor
 
     def protected() -> set[int]:
         return {server.pid, *server.WORKERS.copy()}
@@ -189,7 +189,7 @@ def when_ready(server) -> None:
             state.library.count_scrape_errors(len(result.quarantined))
 
     if state.fast_values:
-        # Compaction relies on the writer lock promfork's value store takes (see metrics.compaction).
+        # Compaction relies on the writer lock promfork's value store takes (see promfork.compaction).
         state.compactor = Compactor(
             state.directory,
             protected,
@@ -199,9 +199,9 @@ def when_ready(server) -> None:
         state.compactor.start()
     state.lifecycle.configured.set(server.num_workers)
     if state.settings.metrics_port is not None and state.server is None:
-        from metrics.collector import exposition_registry
-        from metrics.exposition import make_metrics_app
-        from metrics.server import MetricsServer
+        from promfork.collector import exposition_registry
+        from promfork.exposition import make_metrics_app
+        from promfork.server import MetricsServer
 
         app = make_metrics_app(exposition_registry(state.settings), state.settings.auth_token)
         try:
@@ -220,7 +220,7 @@ def pre_fork(server, worker) -> None:
     state = _state()
     if state.directory is None:
         return
-    from metrics.process import free_slot
+    from promfork.process import free_slot
 
     worker.promfork_slot = free_slot(getattr(w, "promfork_slot", -1) for w in server.WORKERS.copy().values())
     state.lifecycle.boots.inc()
@@ -234,8 +234,8 @@ def post_fork(server, worker) -> None:
         return
     if state.server is not None:
         state.server.close_in_child()
-    from metrics.multiproc import ensure_multiprocess_mode
-    from metrics.process import record_slot
+    from promfork.multiproc import ensure_multiprocess_mode
+    from promfork.process import record_slot
 
     ensure_multiprocess_mode()
     slot = getattr(worker, "promfork_slot", None)  # None when pre_fork is not assigned
@@ -283,7 +283,7 @@ def child_exit(server, worker) -> None:
     state = _state()
     if state.directory is None:
         return
-    from metrics.compaction import remove_live_gauges
+    from promfork.compaction import remove_live_gauges
 
     note = os.path.join(state.directory, f"{worker.pid}.exit")
     try:

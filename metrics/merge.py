@@ -6,7 +6,7 @@ starts or exits, a file is folded into the archive) a histogram ``_sum`` can
 come out a few ulps *lower* than the scrape before, and Prometheus' ``rate()``
 reads any decrease as a counter reset. Here every summed value is added with
 ``math.fsum`` (correctly rounded, order independent), and archive files carry
-the rounding remainder of their folded totals (see metrics.dbfiles), so a
+the rounding remainder of their folded totals (see promfork.dbfiles), so a
 counter never goes backwards, before, during or after compaction. Where no
 correctly rounded sum exists (a nan, +inf with -inf, finite values whose sum
 overflows) the result is what prometheus-client's plain ``+`` gives: see
@@ -35,7 +35,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from metrics import dbfiles
+from promfork import dbfiles
 
 _SUMMED_GAUGES = ("sum", "livesum")
 

@@ -5,7 +5,7 @@ through one class, chosen when the library is first imported. Its multiprocess
 class asks the kernel for the process id on every update (to notice a fork) and
 goes through several calls before the 16 bytes reach the file; that is most of
 the cost of an update, paid a dozen times per request. ``MmapValue`` keeps the
-same files, keys and layout (``metrics.dbfiles.ValueFile``), so every reader,
+same files, keys and layout (``promfork.dbfiles.ValueFile``), so every reader,
 the stock ``MultiProcessCollector`` included, sees no difference, and:
 
 * learns about a fork from ``os.register_at_fork`` instead of a syscall per update;
@@ -36,7 +36,7 @@ import threading
 import time
 from bisect import bisect_left
 
-from metrics.dbfiles import CorruptFile, ValueFile, parse_name
+from promfork.dbfiles import CorruptFile, ValueFile, parse_name
 
 log = logging.getLogger("promfork.values")
 
@@ -67,12 +67,12 @@ class _Process:
         if found is None:
             directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
             if not directory:
-                raise RuntimeError("PROMETHEUS_MULTIPROC_DIR is not set; metrics.values needs it in every process")
+                raise RuntimeError("PROMETHEUS_MULTIPROC_DIR is not set; promfork.values needs it in every process")
             name = f"{prefix}_{self.pid}.db"
             try:
                 found = ValueFile(os.path.join(directory, name))
             except CorruptFile as exc:
-                from metrics.compaction import quarantine
+                from promfork.compaction import quarantine
 
                 quarantine(directory, name, str(exc))
                 found = ValueFile(os.path.join(directory, name))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from metrics.config import Settings
+from promfork.config import Settings
 from webapp.app import create_app
 from webapp.settings import GatewaySettings
 

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import chat, scrape, value, wait_until
 
-from metrics import dbfiles
+from promfork import dbfiles
 
 pytestmark = pytest.mark.integration
 

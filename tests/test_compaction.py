@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from metrics import compaction, dbfiles
-from metrics.collector import AggregatingCollector
-from metrics.multiproc import DirectoryLock
+from promfork import compaction, dbfiles
+from promfork.collector import AggregatingCollector
+from promfork.multiproc import DirectoryLock
 
 HERE = Path(__file__).resolve().parent
 
@@ -180,7 +180,7 @@ def test_crash_at_any_step_loses_and_doubles_nothing(mpdir, step):
     expected = without_live_and_all(promfork_view(mpdir))
     crash = f"""
 import os, sys
-from metrics import compaction
+from promfork import compaction
 def crash(name):
     if name == {step!r}:
         os._exit(17)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
-from metrics import dbfiles
+from promfork import dbfiles
 
 
 def keys(count: int) -> list[str]:

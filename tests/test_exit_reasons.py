@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry
 
-from metrics import gunicorn as hooks
-from metrics.config import Settings
+from promfork import gunicorn as hooks
+from promfork.config import Settings
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, clean_env
 
-from loadtest.mix import DEFAULT_MIX, RequestMix, parse_mix
+from promfork.loadtest.mix import DEFAULT_MIX, RequestMix, parse_mix
 
 LOAD = str(Path(sys.executable).with_name("promfork-load"))
 
@@ -71,4 +71,4 @@ def test_mix_is_deterministic_and_weighted():
 def test_locustfile_uses_the_shared_mix():
     source = (ROOT / "loadtest" / "locustfile.py").read_text()
     compile(source, "locustfile.py", "exec")
-    assert "from loadtest.mix import" in source
+    assert "from promfork.loadtest.mix import" in source

@@ -23,9 +23,9 @@ import pytest
 from prometheus_client.mmap_dict import mmap_key
 from test_compaction import compact_all, promfork_view, run_dead_workers, stock_view, without_live_and_all
 
-from metrics import compaction, dbfiles
-from metrics.config import load_settings
-from metrics.multiproc import DirectoryLock
+from promfork import compaction, dbfiles
+from promfork.config import load_settings
+from promfork.multiproc import DirectoryLock
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,10 +101,10 @@ VALUE_STORE_UNDER_FULL_DISK = """
 import json, os, sys, time
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
 filler = sys.argv[2]
-from metrics import values
+from promfork import values
 assert values.install()
 from prometheus_client import Counter, Gauge, Histogram
-from metrics.values import Samples
+from promfork.values import Samples
 errors = Counter("metrics_write_errors_total", "Errors.")
 values.report_write_errors_to(errors)
 requests = Counter("requests_total", "Requests.", ["route"])
@@ -218,7 +218,7 @@ def test_compactor_thread_retries_until_the_disk_has_room(tmpfs):
 
 HOLD_FILE = """
 import sys, time
-from metrics import dbfiles
+from promfork import dbfiles
 store = dbfiles.ValueFile(sys.argv[1])
 store.doubles[store.slot(sys.argv[2])] += 5.0
 print("open", flush=True)
@@ -286,7 +286,7 @@ def test_crash_after_retiring_loses_and_doubles_nothing(mpdir: Path):
     run_dead_workers(directory, 4)
     expected = promfork_view(directory)
     crash = (
-        "import os\nfrom metrics import compaction\n"
+        "import os\nfrom promfork import compaction\n"
         "compaction._step = lambda name: os._exit(17) if name == 'retired' else None\n"
         f"compaction.compact_dead_workers({str(directory)!r}, compaction.pids_with_files({str(directory)!r}))\n"
     )

@@ -10,8 +10,8 @@ import os
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from metrics.config import Settings
-from metrics.flask import HttpMetrics
+from promfork.config import Settings
+from promfork.flask import HttpMetrics
 from webapp.gateway import Gateway
 from webapp.providers import make_provider
 from webapp.ratelimit import SharedRateLimiter

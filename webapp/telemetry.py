@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from flask import Flask
 from prometheus_client import Counter, Gauge, Histogram
 
-from metrics.values import Samples
+from promfork.values import Samples
 
 LLM_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
