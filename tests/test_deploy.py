@@ -15,7 +15,7 @@ import pytest
 import yaml
 from conftest import ROOT, chat, free_port, request, wait_until
 
-from promfork.catalogue import build_catalogue
+from webapp.catalogue import gateway_catalogue
 
 DEPLOY = ROOT / "deploy"
 PROM = DEPLOY / "prometheus"
@@ -197,4 +197,4 @@ def test_compose_file_runs_the_app_and_prometheus_with_the_repo_rules():
 
 def test_metric_catalogue_is_up_to_date():
     committed = (ROOT / "docs" / "metrics.md").read_text()
-    assert committed == build_catalogue(), "docs/metrics.md is stale: python -m promfork.catalogue > docs/metrics.md"
+    assert committed == gateway_catalogue(), "docs/metrics.md is stale: python -m webapp.catalogue > docs/metrics.md"
