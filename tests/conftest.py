@@ -242,3 +242,37 @@ def mpdir(tmp_path: Path) -> Path:
     d = tmp_path / "mp"
     d.mkdir(mode=0o700)
     return d
+
+
+class WheelEnv:
+    """A clean virtualenv with promfork installed from a wheel built from this checkout (not editable)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.python = str(root / "venv" / "bin" / "python")
+        self.gunicorn = str(root / "venv" / "bin" / "gunicorn")
+
+    def project(self, example: str, dest: Path) -> Path:
+        """Copy examples/<example> to `dest`, outside the repository, beside a `metrics.py` of the user's own."""
+        import shutil
+
+        shutil.copytree(ROOT / "examples" / example, dest)
+        (dest / "metrics.py").write_text('"""The user\'s own module called metrics; promfork must not mind."""\n')
+        return dest
+
+
+@pytest.fixture(scope="session")
+def wheel_env(tmp_path_factory) -> WheelEnv:
+    """Build the wheel, make a venv outside the repository, install the wheel and the examples' needs."""
+    root = tmp_path_factory.mktemp("wheel-env")
+    env = WheelEnv(root)
+    run = dict(capture_output=True, text=True, timeout=600)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(root), str(ROOT)], **run)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = root.glob("promfork-*.whl")
+    made = subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], **run)
+    assert made.returncode == 0, made.stderr
+    needs = ["fastapi>=0.110", "uvicorn>=0.29", "uvicorn-worker>=0.2", "gevent>=24.2"]
+    installed = subprocess.run([env.python, "-m", "pip", "install", "-q", str(wheel), *needs], **run)
+    assert installed.returncode == 0, installed.stderr
+    return env
