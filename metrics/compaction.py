@@ -205,7 +205,7 @@ def _retire(directory: str, file: dbfiles.DbFile, result: CompactionResult) -> s
         os.rename(path, os.path.join(directory, retired))
         return retired
     finally:
-        os.close(fd)
+        dbfiles.release(fd)
 
 
 def compact_dead_workers(directory: str, pids: Iterable[int]) -> CompactionResult:
@@ -310,7 +310,7 @@ def remove_live_gauges(directory: str, pid: int) -> int:
             os.unlink(path)
             removed += 1
         finally:
-            os.close(fd)
+            dbfiles.release(fd)
     return removed
 
 

@@ -259,18 +259,26 @@ def claim(path: str) -> int | None:
     closes the descriptor when done.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # writable: NFS grants an exclusive lock only then
     except FileNotFoundError:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError:  # held by a live process (or a filesystem without locks: never fold there)
         os.close(fd)
         return None
     if not _same_file(fd, path):
-        os.close(fd)
+        release(fd)
         return None
     return fd
+
+
+def release(fd: int) -> None:
+    """Unlock and close a claim (unlocked first: a process forked meanwhile may hold a copy of `fd`)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 class ValueFile:

@@ -109,8 +109,12 @@ class _Process:
         self.retry_soon()
         if self.unstored and self.retrying is None:
             # An idle process gets no updates to retry on: this thread stores what it holds.
-            self.retrying = threading.Thread(target=self._retry_until_stored, name="promfork-store", daemon=True)
-            self.retrying.start()
+            thread = threading.Thread(target=self._retry_until_stored, name="promfork-store", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # no threads left (a pids limit), or the interpreter is exiting
+                return
+            self.retrying = thread
 
     def _retry_until_stored(self) -> None:
         while True:
@@ -133,11 +137,11 @@ class _Process:
     def store_again(self) -> None:
         """Try to write every value held in memory to its file. Lock held."""
         for value in list(self.unstored):
-            try:
+            with contextlib.suppress(Exception):  # still failing: try again later; the others may work
                 value._store_held(self)
-            except Exception:
-                return  # still failing: try again later
-            self.unstored.discard(value)
+                self.unstored.discard(value)
+        if self.unstored:
+            return
         if self.logged_at is not None:
             log.warning(
                 "promfork: metric values stored again in %s (pid %d)",
@@ -188,7 +192,7 @@ class MmapValue:
     """One sample of one series, stored in this process's metric file (prometheus-client's value interface)."""
 
     _multiprocess = True
-    __slots__ = ("__weakref__", "_file", "_key", "_owner", "_prefix", "_slot", "_timestamp", "_value")
+    __slots__ = ("__weakref__", "_file", "_key", "_owner", "_prefix", "_relative", "_slot", "_timestamp", "_value")
 
     def __init__(
         self, typ, metric_name, name, labelnames, labelvalues, help_text, multiprocess_mode="", **_kwargs
@@ -198,6 +202,7 @@ class MmapValue:
         self._prefix = f"gauge_{multiprocess_mode}" if typ == "gauge" else typ
         self._key = mmap_key(metric_name, name, labelnames, labelvalues, help_text)
         self._timestamp = 0.0
+        self._relative = False
         process = _process
         with process.lock:
             self._open(process)
@@ -207,34 +212,40 @@ class MmapValue:
 
         When the file cannot be used the value starts at 0 in memory (see the module docstring).
         """
-        self._owner = process
         try:
-            self._file = process.file(self._prefix)
-            self._slot = self._file.slot(self._key)
+            file = process.file(self._prefix)
+            slot = file.slot(self._key)
         except Exception as exc:  # OSError mostly; never fail the caller's request
-            self._file = None
-            self._slot = -1
-            self._value = 0.0
+            # The stored value is unknown: what is held counts from 0 and is added to it later.
+            self._file, self._slot, self._value, self._relative = None, -1, 0.0, True
+            self._owner = process
             process.unstored.add(self)
             process.held_in_memory(0, exc)
             return
-        self._value = self._file.doubles[self._slot]
+        self._file, self._slot, self._value, self._relative = file, slot, file.doubles[slot], False
+        self._owner = process  # last: an interrupted open leaves the value to be opened again
 
     def _store_held(self, process: _Process) -> None:
         """Write the value held in memory to its file; raises while that is still impossible. Lock held."""
         file = process.file(self._prefix)
         slot = file.slot(self._key)
+        if self._relative:  # increments on top of a value never read (a continued file): add them
+            self._value += file.doubles[slot]
         file.set(slot, self._value, self._timestamp)
-        self._file, self._slot = file, slot
+        self._file, self._slot, self._relative = file, slot, False
 
     def inc(self, amount: float) -> None:
         """Add `amount` and store the new total."""
         process = _process
         with process.lock:
-            if not _add(self, amount, process):
+            file = self._file
+            if self._owner is process and file is not None:  # the usual case, inlined
+                self._value = value = self._value + amount
+                file.doubles[self._slot] = value
+                if process.unstored:
+                    process.retry_soon()
+            elif not _add(self, amount, process):
                 process.held_in_memory(1)
-            elif process.unstored:
-                process.retry_soon()
 
     def set(self, value: float, timestamp: float | None = None) -> None:
         """Store `value` (with `timestamp` for the mostrecent gauge modes)."""
@@ -244,6 +255,7 @@ class MmapValue:
                 self._open(process)
             self._value = value
             self._timestamp = timestamp or 0.0
+            self._relative = False  # an absolute value now
             if self._file is None:
                 process.held_in_memory(1)
                 return

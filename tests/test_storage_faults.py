@@ -341,3 +341,37 @@ def test_the_lowercase_variable_is_honoured_with_a_deprecation_warning(caplog):
     assert settings.multiproc_dir == "/srv/metrics"
     assert "deprecated in favor of the upper case naming PROMETHEUS_MULTIPROC_DIR" in caplog.text
     assert load_settings({"prometheus_multiproc_dir": "/a", "PROMETHEUS_MULTIPROC_DIR": "/b"}).multiproc_dir == "/b"
+
+
+HELD_ON_TOP_OF_A_CONTINUED_FILE = """
+import os, sys, time
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
+from prometheus_client.mmap_dict import mmap_key
+from promfork import dbfiles, values
+assert values.install()
+path = os.path.join(sys.argv[1], f"counter_{os.getpid()}.db")
+earlier = dbfiles.ValueFile(path)  # a dead process with this pid counted 5
+earlier.doubles[earlier.slot(mmap_key("jobs", "jobs_total", [], [], "Jobs."))] = 5.0
+earlier.close()
+claimed = dbfiles.claim(path)  # compaction holds it while this process starts
+from prometheus_client import Counter
+jobs = Counter("jobs", "Jobs.")  # cannot open its file for a second: held in memory
+jobs.inc(2)
+dbfiles.release(claimed)  # compaction left it (it saw a live pid)
+time.sleep(values.RETRY_INTERVAL + 0.1)
+jobs.inc(1)
+print(jobs._value.get())
+"""
+
+
+def test_values_held_before_a_continued_file_opens_add_to_what_it_holds(mpdir: Path):
+    proc = subprocess.run(
+        [sys.executable, "-c", HELD_ON_TOP_OF_A_CONTINUED_FILE, str(mpdir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) == 8.0
+    assert stock_view(mpdir)[("jobs_total",)] == 8.0
