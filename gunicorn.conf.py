@@ -30,3 +30,5 @@ child_exit = hooks.child_exit
 nworkers_changed = hooks.nworkers_changed
 on_reload = hooks.on_reload
 on_exit = hooks.on_exit
+on_dirty_starting = hooks.on_dirty_starting
+dirty_worker_exit = hooks.dirty_worker_exit

@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass
 
 CHAT = "/v1/chat/completions"
+UNMATCHED = "unmatched"  # the route label the gateway gives a path it has no rule for
 KINDS = ("plain", "stream", "tool", "client_error", "unmatched")
 DEFAULT_MIX = {"plain": 40, "stream": 30, "tool": 10, "client_error": 10, "unmatched": 10}
 _WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta")
@@ -15,13 +16,19 @@ CALCULATOR = [{"type": "function", "function": {"name": "calculator", "parameter
 
 @dataclass(frozen=True)
 class RequestSpec:
-    """One request to send: kind (for the report), method, path, body, and whether it streams."""
+    """One request to send, and what the gateway makes of it.
+
+    kind (for the report), method, path, body, whether it streams; `route` is the
+    route label its metrics get and `status` the status the gateway answers it with.
+    """
 
     kind: str
     method: str
     path: str
     body: bytes | None
     stream: bool = False
+    route: str = CHAT
+    status: int = 200
 
 
 def parse_mix(text: str) -> dict[str, int]:
@@ -74,13 +81,13 @@ def build(kind: str, rng: random.Random) -> RequestSpec:
     if kind == "client_error":
         variant = rng.randrange(3)
         if variant == 0:
-            return RequestSpec(kind, "POST", CHAT, b'{"model": "mock-small", "messages": [')
+            return RequestSpec(kind, "POST", CHAT, b'{"model": "mock-small", "messages": [', status=400)
         if variant == 1:
-            return RequestSpec(kind, "POST", CHAT, _json({"model": model, "messages": messages, "tempreature": 1}))
-        return RequestSpec(
-            kind, "POST", CHAT, _json({"model": f"no-such-model-{rng.randrange(10**6)}", "messages": messages})
-        )
-    return RequestSpec(kind, "GET", f"/no/such/page/{rng.randrange(10**9)}", None)
+            body = _json({"model": model, "messages": messages, "tempreature": 1})
+            return RequestSpec(kind, "POST", CHAT, body, status=400)
+        body = _json({"model": f"no-such-model-{rng.randrange(10**6)}", "messages": messages})
+        return RequestSpec(kind, "POST", CHAT, body, status=404)
+    return RequestSpec(kind, "GET", f"/no/such/page/{rng.randrange(10**9)}", None, route=UNMATCHED, status=404)
 
 
 def _json(body: dict) -> bytes:

@@ -49,13 +49,13 @@ def build_catalogue(*definers: Callable[[CollectorRegistry, Settings], None]) ->
     gateway's is ``webapp.catalogue``); the library never imports an application.
     """
     from promfork.collector import LibraryMetrics
-    from promfork.flask import _Recorder
     from promfork.gunicorn import _Lifecycle
+    from promfork.http import HttpRecorder
     from promfork.process import MASTER, WorkerProcessCollector, record_slot
 
     settings = Settings()
     registry = CollectorRegistry()
-    _Recorder(settings, registry)
+    HttpRecorder(settings, registry)
     for define in definers:
         define(registry, settings)
     _Lifecycle(settings, registry)

@@ -220,14 +220,16 @@ def _same_file(fd: int, path: str) -> bool:
     return (current.st_ino, current.st_dev) == (opened.st_ino, opened.st_dev)
 
 
-def open_for_writing(path: str, lock_wait: float = 1.0) -> int:
+def open_for_writing(path: str, lock_wait: float = 0.0) -> int:
     """Open (or create, mode 0600) the file a process writes, holding a shared lock on it.
 
     Returns a descriptor whose file is linked at `path` and cannot be claimed by
-    compaction while it stays open. Waits up to `lock_wait` seconds while
-    compaction holds the file (a dead process's file, now ours by pid reuse);
-    raises OSError(EAGAIN) after that. If compaction retired or deleted the file
-    meanwhile, opens the new one.
+    compaction while it stays open. Waits up to `lock_wait` seconds (none by
+    default: the value store calls this with its lock held, and a sleep there
+    would stall every thread, or under gevent every greenlet, of the process)
+    while compaction holds the file (a dead process's file, now ours by pid
+    reuse); raises OSError(EAGAIN) after that, and the caller retries later. If
+    compaction retired or deleted the file meanwhile, opens the new one.
     """
     deadline = time.monotonic() + lock_wait
     while True:
@@ -298,7 +300,7 @@ class ValueFile:
     every slot handed out before stay usable.
     """
 
-    def __init__(self, path: str, lock_wait: float = 1.0) -> None:
+    def __init__(self, path: str, lock_wait: float = 0.0) -> None:
         self.path = path
         self._fd = open_for_writing(path, lock_wait)
         self._mmap: mmap.mmap | None = None

@@ -16,6 +16,17 @@ labels are Flask rule templates, never raw paths; unmatched paths share the
 label value ``unmatched`` and unknown methods become ``other``, so hostile
 traffic cannot grow the number of series. /metrics itself is served outside the
 instrumented app and outside any auth the app applies to its own routes.
+
+A streaming response has no length, so the middleware cannot tell which chunk
+is the last; the app can. ``environ["promfork.response_complete"]`` (the key is
+``RESPONSE_COMPLETE_KEY``) is a callable that counts the request at once: the
+status sent, the bytes sent so far, the duration until now. A streaming app
+calls it right before yielding its final chunk, so a client that received the
+whole stream always finds it counted, even if the worker is killed before the
+server closes the body. Calling it again, and close() afterwards, count nothing
+more. The key is absent when the app runs without promfork (or with metrics
+disabled): look it up with ``environ.get``. The ASGI middleware puts the same
+key in the ASGI scope.
 """
 
 from __future__ import annotations
@@ -25,19 +36,16 @@ from collections.abc import Callable, Iterable, Iterator
 from time import perf_counter
 
 from flask import Flask
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 from promfork.config import Settings, load_settings
 from promfork.exposition import disabled_app, make_metrics_app
+from promfork.http import KNOWN_METHODS, RESPONSE_COMPLETE_KEY, UNMATCHED, HttpRecorder
 from promfork.multiproc import ensure_multiprocess_mode
-from promfork.values import Samples
 
-UNMATCHED = "unmatched"
 ROUTE_KEY = "promfork.route"
 _UNKNOWN_LENGTH = float("inf")  # no Content-Length: counted when the server closes the body
-KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-SIZE_BUCKETS = (100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000)
 
 
 class HttpMetrics:
@@ -74,7 +82,7 @@ class HttpMetrics:
             exposed = exposition_registry(settings)
         else:
             exposed = self.registry
-        recorder = _Recorder(settings, self.registry)
+        recorder = HttpRecorder(settings, self.registry)
         app.request_class = _route_recording(app.request_class)
         instrumented = _InstrumentedApp(app.wsgi_app, recorder)
         app.wsgi_app = DispatcherMiddleware(
@@ -112,77 +120,19 @@ def _route_recording(request_class: type) -> type:
     return RouteRecordingRequest
 
 
-class _Recorder:
-    """The HTTP metric objects, with each label set's children bound once for the hot path."""
-
-    def __init__(self, settings: Settings, registry: CollectorRegistry | None) -> None:
-        name = settings.metric_name
-        self.requests = Counter(
-            name("http_requests_total"),
-            "HTTP requests answered, by method, route template and status code.",
-            ["method", "route", "status"],
-            registry=registry,
-        )
-        self.duration = Histogram(
-            name("http_request_duration_seconds"),
-            "Time from request start until the last byte of the response body.",
-            ["method", "route"],
-            buckets=settings.latency_buckets,
-            registry=registry,
-        )
-        self.in_flight = Gauge(
-            name("http_requests_in_flight"),
-            "Requests being served now, over all live workers.",
-            multiprocess_mode="livesum",
-            registry=registry,
-        )
-        self.request_size = Histogram(
-            name("http_request_size_bytes"),
-            "Request body size (Content-Length).",
-            ["method", "route"],
-            buckets=SIZE_BUCKETS,
-            registry=registry,
-        )
-        self.response_size = Histogram(
-            name("http_response_size_bytes"),
-            "Response body bytes sent.",
-            ["method", "route"],
-            buckets=SIZE_BUCKETS,
-            registry=registry,
-        )
-        self.in_flight_samples = Samples(self.in_flight)
-        # (method, route, status) -> its children, updated together: one dict lookup per request.
-        self.bound: dict[tuple[str, str, str], Samples] = {}
-
-    def series(self, method: str, route: str, status: str) -> Samples:
-        """What counting one request updates: its counter, duration and size histograms, and in-flight.
-
-        Bound once per label set; ``update(1, seconds, request_bytes, response_bytes, -1)``.
-        """
-        key = (method, route, status)
-        found = self.bound.get(key)
-        if found is None:
-            found = self.bound[key] = Samples(
-                self.requests.labels(method, route, status),
-                self.duration.labels(method, route),
-                self.request_size.labels(method, route),
-                self.response_size.labels(method, route),
-                self.in_flight,
-            )
-        return found
-
-
 class _InstrumentedApp:
     """WSGI middleware timing and counting every request.
 
     A response is counted when its last byte is handed to the server (known from
-    Content-Length) or, for streams and short bodies, when the server closes it.
-    So a client never receives a whole response that is not counted; a worker
+    Content-Length), when the app calls ``environ[RESPONSE_COMPLETE_KEY]()``
+    before its final chunk, or otherwise when the server closes the body. So a
+    client never receives a whole response that is not counted (a stream that
+    does not call it is counted only at close(), after its last byte); a worker
     killed before that point takes the request with it (the client sees its
     connection cut). The in-flight gauge drops in the same update that counts it.
     """
 
-    def __init__(self, app: Callable, recorder: _Recorder) -> None:
+    def __init__(self, app: Callable, recorder: HttpRecorder) -> None:
         self.app = app
         self.recorder = recorder
 
@@ -202,7 +152,7 @@ class _Exchange:
 
     __slots__ = ("body", "environ", "length", "recorded", "recorder", "sent", "server_start", "started", "status")
 
-    def __init__(self, environ: dict, server_start: Callable, recorder: _Recorder) -> None:
+    def __init__(self, environ: dict, server_start: Callable, recorder: HttpRecorder) -> None:
         self.started = perf_counter()
         self.environ = environ
         self.server_start = server_start
@@ -213,6 +163,7 @@ class _Exchange:
         self.sent = 0
         self.recorded = False
         recorder.in_flight_samples.update(1)
+        environ[RESPONSE_COMPLETE_KEY] = self._record
 
     def start_response(self, status: str, headers: list, exc_info=None):
         self.status = status[:3]
@@ -233,6 +184,7 @@ class _Exchange:
             yield chunk
 
     def _record(self) -> None:
+        """Count the request now, once: later calls (the app's, close()'s) do nothing."""
         if self.recorded:
             return
         self.recorded = True
@@ -258,3 +210,6 @@ class _Exchange:
         finally:
             if not self.recorded:
                 self._record()
+            # environ -> bound method -> self -> environ: break the cycle so the
+            # request's objects are freed when the server drops them.
+            self.environ.pop(RESPONSE_COMPLETE_KEY, None)

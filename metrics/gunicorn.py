@@ -10,6 +10,15 @@ Lifecycle metrics are written by the master from hooks, which run on its main
 thread. Why a worker exited is only known inside the worker, so ``worker_exit``
 leaves a one-word ``<pid>.exit`` note that ``child_exit`` reads; a worker killed
 outright (SIGKILL, OOM) leaves none.
+
+Gunicorn 27's dirty worker pools (``dirty_workers``/``dirty_apps``) live in
+another branch of the process tree: the master forks a dirty arbiter, which
+forks the dirty workers. They run promfork's at-fork handlers and write their
+own files like any worker, but they are not in the master's ``WORKERS`` and
+their deaths never reach ``child_exit``: the dirty arbiter reports them to
+``dirty_worker_exit``, in its own process. So ``on_dirty_starting`` gives the
+dirty arbiter a compactor of its own (the files lock serializes it with the
+master's), and ``dirty_worker_exit`` queues a dead dirty worker's files there.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ class _MasterState:
     directory: str | None = None
     lease: MasterLease | None = None
     compactor: object | None = None  # promfork.compaction.Compactor (imported once the env is set)
+    dirty_compactor: object | None = None  # the dirty arbiter's own Compactor, set in that process only
     library: object | None = None  # promfork.collector.LibraryMetrics
     lifecycle: object | None = None  # _Lifecycle
     server: object | None = None  # promfork.server.MetricsServer
@@ -178,25 +188,11 @@ def when_ready(server) -> None:
     state = _state()
     if state.directory is None:
         return
-    from promfork.compaction import Compactor
 
     def protected() -> set[int]:
         return {server.pid, *server.WORKERS.copy()}
 
-    def counted(result) -> None:
-        state.library.count_compactions(len(result.pids))
-        if result.quarantined:
-            state.library.count_scrape_errors(len(result.quarantined))
-
-    if state.fast_values:
-        # Compaction relies on the writer lock promfork's value store takes (see promfork.compaction).
-        state.compactor = Compactor(
-            state.directory,
-            protected,
-            on_compacted=counted,
-            on_write_error=lambda exc: state.library.count_write_errors(1),
-        )
-        state.compactor.start()
+    state.compactor = _start_compactor(state, protected)
     state.lifecycle.configured.set(server.num_workers)
     if state.settings.metrics_port is not None and state.server is None:
         from promfork.collector import exposition_registry
@@ -213,6 +209,27 @@ def when_ready(server) -> None:
         server.log.info(
             "promfork: master serving /metrics on http://%s:%d/metrics", *state.server.httpd.server_address[:2]
         )
+
+
+def _start_compactor(state: _MasterState, protected):
+    """A running Compactor for this process, counting into the library metrics; None with the stock value class."""
+    if not state.fast_values:
+        return None  # compaction relies on the writer lock promfork's value store takes (see promfork.compaction)
+    from promfork.compaction import Compactor
+
+    def counted(result) -> None:
+        state.library.count_compactions(len(result.pids))
+        if result.quarantined:
+            state.library.count_scrape_errors(len(result.quarantined))
+
+    compactor = Compactor(
+        state.directory,
+        protected,
+        on_compacted=counted,
+        on_write_error=lambda exc: state.library.count_write_errors(1),
+    )
+    compactor.start()
+    return compactor
 
 
 def pre_fork(server, worker) -> None:
@@ -300,6 +317,45 @@ def child_exit(server, worker) -> None:
         server.log.error("promfork: cannot remove live gauges of worker %d: %s", worker.pid, exc)
     if state.compactor is not None:
         state.compactor.worker_died(worker.pid)
+
+
+def on_dirty_starting(arbiter) -> None:
+    """Dirty arbiter start (forked from the master): drop the inherited listener, start its own compactor."""
+    state = _state()
+    if state.directory is None:
+        return
+    if state.server is not None:  # a dirty arbiter respawned after when_ready inherits the METRICS_PORT listener
+        state.server.close_in_child()
+        state.server = None
+    state.compactor = None  # the master's, copied by fork: its thread does not run here
+
+    def protected() -> set[int]:
+        return {os.getpid(), *arbiter.workers.copy()}
+
+    state.dirty_compactor = _start_compactor(state, protected)
+    if state.dirty_compactor is not None:
+        atexit.register(_stop_at_exit, state.dirty_compactor, os.getpid())
+
+
+def _stop_at_exit(compactor, owner: int) -> None:
+    """At the dirty arbiter's exit, fold what is pending; dirty workers inherit atexit handlers: never act there."""
+    if os.getpid() == owner:
+        compactor.stop()
+
+
+def dirty_worker_exit(arbiter, worker) -> None:
+    """Dirty arbiter, a dirty worker was reaped: drop its live gauges, queue its files for compaction."""
+    state = _state()
+    if state.directory is None:
+        return
+    from promfork.compaction import remove_live_gauges
+
+    try:
+        remove_live_gauges(state.directory, worker.pid)
+    except OSError as exc:
+        arbiter.log.error("promfork: cannot remove live gauges of dirty worker %d: %s", worker.pid, exc)
+    if state.dirty_compactor is not None:
+        state.dirty_compactor.worker_died(worker.pid)
 
 
 def nworkers_changed(server, new_value, old_value) -> None:

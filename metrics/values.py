@@ -29,6 +29,7 @@ process: they would write the same files through a second, unaware writer.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import logging
 import os
@@ -55,7 +56,7 @@ class _Process:
         self.unstored_updates = 0  # since the last log line
         self.retry_at = 0.0
         self.logged_at: float | None = None
-        self.retrying: threading.Thread | None = None
+        self.retrying = False  # a thread is storing what is held
 
     def file(self, prefix: str) -> ValueFile:
         """This process's file for `prefix` (``counter``, ``gauge_livesum``...), opened on first use.
@@ -107,14 +108,15 @@ class _Process:
             self.logged_at = now
             self.unstored_updates = 0
         self.retry_soon()
-        if self.unstored and self.retrying is None:
+        if self.unstored and not self.retrying:
             # An idle process gets no updates to retry on: this thread stores what it holds.
-            thread = threading.Thread(target=self._retry_until_stored, name="promfork-store", daemon=True)
+            # Not threading.Thread: its start() waits for the thread, and under gevent that
+            # switches greenlets while this (real, made-at-fork) lock is held.
             try:
-                thread.start()
+                _thread.start_new_thread(self._retry_until_stored, ())
             except RuntimeError:  # no threads left (a pids limit), or the interpreter is exiting
                 return
-            self.retrying = thread
+            self.retrying = True
 
     def _retry_until_stored(self) -> None:
         while True:
@@ -124,7 +126,7 @@ class _Process:
                     return  # forked: this is the parent's state, not ours
                 self.retry_soon()
                 if not self.unstored:
-                    self.retrying = None
+                    self.retrying = False
                     return
 
     def retry_soon(self) -> None:

@@ -276,3 +276,55 @@ def wheel_env(tmp_path_factory) -> WheelEnv:
     installed = subprocess.run([env.python, "-m", "pip", "install", "-q", str(wheel), *needs], **run)
     assert installed.returncode == 0, installed.stderr
     return env
+
+
+class ExampleServer(Gunicorn):
+    """A user's project (a copied example) served by `gunicorn -c gunicorn.conf.py` from its own directory.
+
+    ``ExampleServer(project, tmp, *gunicorn_args, gunicorn=wheel_env.gunicorn, workers=2, env={...})``;
+    use it as a context manager (``with server:`` starts it and always stops it: SIGTERM, then SIGKILL after
+    15 s). It listens on a free loopback port (``.port``), writes metrics under ``tmp/multiproc``
+    (``.multiproc_dir``) and its output to ``.log_path`` (``.log()``); ``.scrape()``, ``.worker_pids()`` and
+    ``.proc`` as for ``Gunicorn``. Ready once /metrics answers (it is never counted in the HTTP metrics,
+    so readiness probes do not disturb exact totals) and every worker has booted. PYTHONPATH is dropped:
+    the project sees only what its own interpreter has installed.
+    """
+
+    def __init__(
+        self,
+        project: Path,
+        tmp: Path,
+        *args: str,
+        gunicorn: str = GUNICORN,
+        env: dict[str, str] | None = None,
+        workers: int = 2,
+    ) -> None:
+        super().__init__(tmp, *args, env=env, workers=workers)
+        self.project = project
+        self.argv[0] = gunicorn
+        self.env.pop("PYTHONPATH", None)
+
+    def start(self, wait: float = 60.0) -> ExampleServer:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(
+            self.argv, cwd=self.project, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        token = self.env.get("METRICS_AUTH_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                request("GET", self.port, "/metrics", headers=headers, timeout=2)  # any answer: 404 when disabled
+                if self._all_workers_booted():
+                    return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"gunicorn did not answer within {wait}s:\n{self.log()}")
+
+    def __enter__(self) -> ExampleServer:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from werkzeug.test import EnvironBuilder
 
 from promfork.config import Settings
 from webapp.app import create_app
@@ -156,6 +157,39 @@ def test_stream_gauge_returns_to_zero_when_client_disconnects(app, client):
     assert metric(app, "llm_tokens_total", provider="mock", model="mock-large", type="completion") == 0
 
 
+@pytest.mark.parametrize("tools", [None, [{"type": "function", "function": {"name": "calculator"}}]])
+def test_a_stream_is_counted_before_its_final_chunk_is_handed_to_the_server(app, tools):
+    # Act as the WSGI server: pull the body chunk by chunk and read the counter as each
+    # chunk is handed over, before it could be sent and before close().
+    body = {"model": "mock-small", "messages": [{"role": "user", "content": "6 * 7"}], "stream": True}
+    if tools:
+        body["tools"] = tools
+    environ = EnvironBuilder(method="POST", path="/v1/chat/completions", json=body).get_environ()
+    started = []
+    response = app(environ, lambda status, headers, exc_info=None: started.append(status))
+    complete = environ["promfork.response_complete"]
+
+    def counted() -> tuple[float, float]:
+        labels = {"method": "POST", "route": "/v1/chat/completions", "status": "200"}
+        return metric(app, "http_requests_total", **labels), metric(app, "http_requests_in_flight")
+
+    handed = []
+    try:
+        for chunk in response:
+            handed.append((chunk, counted()))
+    finally:
+        response.close()
+    assert started == ["200 OK"]
+    final, at_final = handed[-1]
+    assert final == b"data: [DONE]\n\n"
+    assert at_final == (1, 0)  # counted, and no longer in flight, before [DONE] left
+    assert all(at == (0, 1) for _, at in handed[:-1])
+    complete()  # a second call, like close() before it, counts nothing more
+    assert counted() == (1, 0)
+    sent = sum(len(chunk) for chunk, _ in handed[:-1])
+    assert metric(app, "http_response_size_bytes_sum", method="POST", route="/v1/chat/completions") == sent
+
+
 def test_oversized_body_is_a_413_json_error():
     app = create_app(GatewaySettings(max_body_bytes=2048), Settings())
     response = post(app.test_client(), {"model": "mock-small", "messages": [{"role": "user", "content": "x" * 5000}]})
@@ -167,6 +201,7 @@ def test_metrics_disabled_still_serves_the_app():
     app = create_app(GatewaySettings(), Settings(enabled=False))
     client = app.test_client()
     assert post(client, {"model": "mock-small", "messages": USER}).status_code == 200
+    assert sse_events(post(client, {"model": "mock-small", "messages": USER, "stream": True}))[-1] == "[DONE]"
     response = client.get("/metrics")
     assert response.status_code == 404 and "METRICS_ENABLED" in response.get_json()["error"]["message"]
 

@@ -1,8 +1,10 @@
-"""promfork-load against real gunicorn: agreement under churn and kills, disagreement caught."""
+"""promfork-load against real gunicorn: agreement under churn and kills, disagreement caught,
+any worker model; and its verdict's in-doubt rule, row by row."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,14 +12,29 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, clean_env
 
-from promfork.loadtest.mix import DEFAULT_MIX, RequestMix, parse_mix
+from promfork.loadtest.mix import CHAT, DEFAULT_MIX, UNMATCHED, RequestMix, parse_mix
+from promfork.loadtest.tally import Outcome, Tally
+from promfork.loadtest.verdict import compare
 
 LOAD = str(Path(sys.executable).with_name("promfork-load"))
+# The rows each kind of request can land in (method and route are the mix's; statuses as answered).
+ROWS_OF_KIND = {"plain": {(CHAT, 200)}, "stream": {(CHAT, 200)}, "tool": {(CHAT, 200)},
+                "client_error": {(CHAT, 400), (CHAT, 404)}, "unmatched": {(UNMATCHED, 404)}}  # fmt: skip
 
 
-def run_load(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([LOAD, "--no-progress", *args], cwd=ROOT, env=clean_env(), capture_output=True,
+def run_load(*args: str, timeout: int = 180, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([LOAD, "--no-progress", *args], cwd=ROOT, env=clean_env(**env), capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip
+
+
+def request_rows(data: dict) -> dict[tuple[str, int], dict]:
+    """The http_requests_total rows of a JSON report, by (route, status)."""
+    rows = {}
+    for check in data["checks"]:
+        if check["what"].startswith("http_requests_total{"):
+            labels = dict(item.split("=", 1) for item in check["what"][20:-1].split(","))
+            rows[(labels["route"], int(labels["status"]))] = check
+    return rows
 
 
 @pytest.mark.integration
@@ -35,6 +52,18 @@ def test_cli_reports_agreement_under_churn_and_kills(tmp_path: Path):
     assert "load generator:" in proc.stdout
     checks = {c["what"]: c for c in data["checks"]}
     assert checks["http_requests_total{route=unmatched,status=404}"]["client"] > 0
+    assert data["worker_class"] == "sync" and "worker class sync" in proc.stdout
+    assert data["server_log"] is None  # removed: the run agreed
+    # In doubt: exactly the requests the client did not receive whole, never a complete one.
+    assert data["in_doubt"] == data["failed"] == sum(data["in_doubt_by_kind"].values())
+    assert data["in_doubt_by_kind"] == {
+        k.split()[0]: n for k, n in data["by_kind_status"].items() if k.endswith("None")
+    }
+    # Each row is widened only by the requests cut that could have landed in it.
+    for (route, status), row in request_rows(data).items():
+        cut = sum(n for kind, n in data["in_doubt_by_kind"].items() if (route, status) in ROWS_OF_KIND[kind])
+        assert row["tolerance"] == row["in_doubt"] <= cut, row
+    assert request_rows(data)[(UNMATCHED, 404)]["tolerance"] == data["in_doubt_by_kind"].get("unmatched", 0)
 
 
 @pytest.mark.integration
@@ -48,6 +77,54 @@ def test_cli_reports_disagreement_and_fails(gunicorn_factory, tmp_path: Path):
                     f"http://127.0.0.1:{other.port}/metrics", "--requests", "300", "--concurrency", "8")  # fmt: skip
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "MISMATCH" in proc.stdout and "METRICS DISAGREE" in proc.stdout
+    # The tool started nothing, so it kept nothing.
+    assert "server log kept" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.integration
+def test_a_started_server_that_disagrees_keeps_its_log(gunicorn_factory, tmp_path: Path):
+    other = gunicorn_factory(workers=2)
+    report = tmp_path / "report.json"
+    proc = run_load("--workers", "2", "--metrics-url", f"http://127.0.0.1:{other.port}/metrics",
+                    "--requests", "200", "--concurrency", "8", "--json", str(report))  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    data = json.loads(report.read_text())
+    log = Path(data["server_log"])
+    try:
+        assert f"server log kept: {log}" in proc.stdout and str(log) in proc.stderr
+        assert "Using worker: sync" in log.read_text()
+    finally:
+        shutil.rmtree(log.parent, ignore_errors=True)
+
+
+@pytest.mark.integration
+def test_a_server_that_cannot_start_is_exit_2_with_its_log_kept():
+    proc = run_load("--gunicorn-args", "--worker-class no.such.Worker", "--requests", "10", timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    log = Path(proc.stderr.split("see ")[-1].strip())
+    try:
+        assert log.name == "gunicorn.log" and "no.such" in log.read_text()
+    finally:
+        shutil.rmtree(log.parent, ignore_errors=True)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (("--worker-class", "gthread"), {}),
+        (("--gunicorn-args", "--threads 2 --timeout 60"), {}),
+        ((), {"GUNICORN_CMD_ARGS": "--threads 2"}),  # the caller's deployment settings are passed through
+    ],
+    ids=["worker-class", "gunicorn-args", "GUNICORN_CMD_ARGS"],
+)
+def test_gunicorn_settings_reach_the_server_and_the_report(tmp_path: Path, args, env):
+    report = tmp_path / "report.json"
+    proc = run_load("--workers", "2", "--requests", "150", "--concurrency", "8", "--json", str(report), *args, **env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # gunicorn runs a sync worker with more than one thread as gthread, and says so in its log.
+    assert json.loads(report.read_text())["worker_class"] == "gthread"
+    assert "worker class gthread" in proc.stdout
 
 
 def test_bad_arguments_are_usage_errors():
@@ -55,6 +132,80 @@ def test_bad_arguments_are_usage_errors():
     assert proc.returncode == 2 and "teleport" in proc.stderr
     proc = run_load("--url", "http://127.0.0.1:1", "--kill-workers-every", "1")
     assert proc.returncode == 2 and "--kill-workers-every" in proc.stderr
+    proc = run_load("--url", "http://127.0.0.1:1", "--worker-class", "gthread")
+    assert proc.returncode == 2 and "--worker-class" in proc.stderr
+    proc = run_load("--gunicorn-args", "--threads 2 --bind 0.0.0.0:80")
+    assert proc.returncode == 2 and "--bind" in proc.stderr
+    proc = run_load("--gunicorn-args", "--threads 'unbalanced")
+    assert proc.returncode == 2 and "--gunicorn-args" in proc.stderr
+
+
+# ---------------------------------------------------------------- the verdict's rule, on made-up runs
+
+
+def outcome(kind: str, status: int | None, complete: bool, tokens: tuple[int, int] = (0, 0), expected: int = 200):
+    method, route = ("GET", UNMATCHED) if kind == "unmatched" else ("POST", CHAT)
+    return Outcome(kind, method, route, expected, 0.0, 0.0, status, complete, *tokens)
+
+
+def exposition(requests: dict[tuple[str, str, int], float], prompt: float = 0, completion: float = 0) -> dict:
+    samples = {("http_requests_total", (("method", m), ("route", r), ("status", str(s)))): v
+               for (m, r, s), v in requests.items()}  # fmt: skip
+    samples[("llm_tokens_total", (("model", "mock-small"), ("provider", "mock"), ("type", "prompt")))] = prompt
+    samples[("llm_tokens_total", (("model", "mock-small"), ("provider", "mock"), ("type", "completion")))] = completion
+    return samples
+
+
+def verdict(tally: Tally, after: dict) -> dict[str, tuple[bool, float]]:
+    return {r.what: (r.ok, r.tolerance) for r in compare(tally, {}, after)}
+
+
+OK_ROW = f"http_requests_total{{route={CHAT},status=200}}"
+BAD_ROW = f"http_requests_total{{route={CHAT},status=400}}"
+
+
+def test_a_cut_request_widens_only_the_rows_it_could_have_landed_in():
+    sure = [outcome("plain", 200, True, (10, 5))] * 3 + [outcome("client_error", 404, True, expected=404)]
+    tally = Tally([*sure, outcome("client_error", None, False, expected=400)])
+    # The cut client error may have been counted as the 400 it asked for, or not at all ...
+    rows = verdict(tally, exposition({("POST", CHAT, 200): 3, ("POST", CHAT, 404): 1, ("POST", CHAT, 400): 1}, 30, 15))
+    assert rows[OK_ROW] == (True, 0) and rows[BAD_ROW] == (True, 1)
+    assert all(
+        ok for ok, _ in verdict(tally, exposition({("POST", CHAT, 200): 3, ("POST", CHAT, 404): 1}, 30, 15)).values()
+    )
+    # ... but never as a 200, nor as the 404 that other client errors got: those rows stay exact.
+    rows = verdict(tally, exposition({("POST", CHAT, 200): 4, ("POST", CHAT, 404): 1}, 30, 15))
+    assert rows[OK_ROW] == (False, 0)
+    rows = verdict(tally, exposition({("POST", CHAT, 200): 3, ("POST", CHAT, 404): 2}, 30, 15))
+    assert rows[BAD_ROW.replace("400", "404")] == (False, 0)
+    # It reaches no provider (no client error did), so token totals stay exact.
+    assert rows["llm_tokens_total{type=prompt}"] == (True, 0)
+
+
+def test_a_complete_response_is_never_in_doubt_even_among_kills():
+    tally = Tally([outcome("stream", 200, True, (10, 5)), outcome("plain", 200, True, (10, 5))], kills=[0.0, 0.0])
+    rows = verdict(tally, exposition({("POST", CHAT, 200): 1}, 10, 5))
+    assert rows[OK_ROW] == (False, 0), "a stream the client received whole must be counted"
+
+
+def test_a_request_cut_before_its_headers_may_count_as_a_status_its_kind_got_or_as_an_abort():
+    tally = Tally([outcome("plain", 200, True, (10, 5)), outcome("plain", 429, True), outcome("plain", None, False)])
+    for status in (429, 500):
+        rows = verdict(tally, exposition({("POST", CHAT, 200): 1, ("POST", CHAT, status): 1 + (status == 429)}, 10, 5))
+        assert rows[f"http_requests_total{{route={CHAT},status={status}}}"] == (True, 1)
+    # a status no request of its kind got is not one it could have produced
+    rows = verdict(tally, exposition({("POST", CHAT, 200): 1, ("POST", CHAT, 429): 1, ("POST", CHAT, 503): 1}, 10, 5))
+    assert rows[f"http_requests_total{{route={CHAT},status=503}}"] == (False, 0)
+
+
+def test_tokens_of_requests_in_doubt_are_bounded_by_the_largest_completed_request_of_their_kind():
+    tally = Tally([outcome("plain", 200, True, (10, 5)), outcome("plain", 200, True, (40, 20)),
+                   outcome("stream", 200, True, (7, 3)), outcome("plain", None, False)])  # fmt: skip
+    within = verdict(tally, exposition({("POST", CHAT, 200): 4}, 57 + 40, 28 + 20))
+    assert within["llm_tokens_total{type=prompt}"] == (True, 40)
+    assert within["llm_tokens_total{type=completion}"] == (True, 20)
+    beyond = verdict(tally, exposition({("POST", CHAT, 200): 4}, 57 + 41, 28))
+    assert beyond["llm_tokens_total{type=prompt}"] == (False, 40)
 
 
 def test_mix_is_deterministic_and_weighted():

@@ -36,8 +36,10 @@ def chat_completions():
     gateway = _gateway()
     gateway.check_model(chat)
     if chat.stream:
+        # promfork counts the stream when the gateway says its final chunk is next
+        # (the key is absent without promfork or with metrics disabled).
         return Response(
-            gateway.stream(chat),
+            gateway.stream(chat, request.environ.get("promfork.response_complete")),
             mimetype="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from webapp.providers import Completion, Provider, ProviderError
@@ -128,8 +128,14 @@ class Gateway:
             "usage": usage.as_dict(),
         }
 
-    def stream(self, request: ChatRequest) -> Iterator[bytes]:
-        """Server-Sent Events: role chunk, content chunks, finish chunk, usage chunk, [DONE]."""
+    def stream(self, request: ChatRequest, response_complete: Callable[[], object] | None = None) -> Iterator[bytes]:
+        """Server-Sent Events: role chunk, content chunks, finish chunk, usage chunk, [DONE].
+
+        `response_complete` (promfork's ``environ["promfork.response_complete"]``, when
+        present) is called right before the final chunk ([DONE], or an error event) is
+        yielded: the request is counted then, so a client that got the whole stream
+        always finds it counted even if the worker dies before the server closes it.
+        """
         chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
 
@@ -141,6 +147,11 @@ class Gateway:
                 body["usage"] = usage
             return sse(body)
 
+        def final(data: bytes) -> bytes:
+            if response_complete is not None:
+                response_complete()
+            return data
+
         provider, model = self.provider.name, self._model_label(request.model)
         with self.telemetry.stream_open(provider):
             yield chunk({"role": "assistant", "content": ""})
@@ -150,13 +161,13 @@ class Gateway:
                 try:
                     _, completion = self._run_tool_rounds(request, usage)
                 except ApiError as exc:
-                    yield sse(exc.body())
+                    yield final(sse(exc.body()))
                     return
                 if completion.text:
                     yield chunk({"content": completion.text})
                 yield chunk({}, completion.finish_reason)
                 yield chunk({}, usage=usage.as_dict())
-                yield sse("[DONE]")
+                yield final(sse("[DONE]"))
                 return
             started = time.perf_counter()
             status = "cancelled"  # stays so if the client goes away mid-stream (GeneratorExit)
@@ -176,9 +187,9 @@ class Gateway:
                 # left before it never learnt these tokens either.
                 status = "ok"
                 self.telemetry.usage(provider, model, usage.prompt_tokens, usage.completion_tokens)
-                yield sse("[DONE]")
+                yield final(sse("[DONE]"))
             except ProviderError as exc:
                 status = "timeout" if exc.status == 504 else "error"
-                yield sse(exc.body())
+                yield final(sse(exc.body()))
             finally:
                 self.telemetry.call_finished(provider, model, status, time.perf_counter() - started)

@@ -1,0 +1,148 @@
+"""The gunicorn that promfork-load starts: its command line, private directory, workers and log.
+
+`gunicorn -c <config>` runs from the current directory on a free loopback port,
+with a metrics directory of its own and the master's METRICS_PORT listener. The
+caller's environment reaches it whole, GUNICORN_CMD_ARGS included; gunicorn
+lets its command line win over GUNICORN_CMD_ARGS and both over the config file,
+so the order of precedence is: --gunicorn-args, then the tool's own flags
+(--bind, --workers, --max-requests, --worker-class), then GUNICORN_CMD_ARGS,
+then the config. The server log and metrics files live in a temporary
+directory that is removed only when the caller says the run succeeded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+
+_WORKER_LINE = re.compile(rb"Using worker: (\S+)")  # logged by gunicorn's arbiter at start (level info)
+
+
+class ServerError(Exception):
+    """gunicorn could not be started or did not answer; the message names the kept log."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_gunicorn_args(args: Sequence[str]) -> None:
+    """Refuse extra gunicorn arguments that would take the server away from the tool.
+
+    Raises ValueError naming the argument: the tool chooses the bind address (it
+    drives and scrapes it) and the config (--config).
+    """
+    for arg in args:
+        name = arg.split("=", 1)[0]
+        if name in ("--bind", "-b") or (arg.startswith("-b") and not arg.startswith("--")):
+            raise ValueError(f"{arg!r}: promfork-load binds gunicorn to a free loopback port itself")
+        if name in ("--config", "-c") or (arg.startswith("-c") and not arg.startswith("--")):
+            raise ValueError(f"{arg!r}: choose the gunicorn config with promfork-load's --config")
+
+
+class GunicornServer:
+    """`gunicorn -c <config>` started by the tool, with its own private metrics directory and log."""
+
+    def __init__(
+        self,
+        config: str = "gunicorn.conf.py",
+        *,
+        workers: int = 4,
+        max_requests: int = 0,
+        worker_class: str | None = None,
+        gunicorn_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        if not os.path.exists(config):
+            raise ServerError(f"{config} not found; run from the project root or pass --config")
+        self.port, self.metrics_port = free_port(), free_port()
+        self.tmp = tempfile.mkdtemp(prefix="promfork-load-")
+        self.log_path = os.path.join(self.tmp, "gunicorn.log")
+        self.env = dict(os.environ)  # GUNICORN_CMD_ARGS included: the caller's deployment settings
+        self.env.update(env or {})
+        self.env.update(PROMETHEUS_MULTIPROC_DIR=os.path.join(self.tmp, "metrics"), METRICS_PORT=str(self.metrics_port))
+        self.env.pop("METRICS_AUTH_TOKEN", None)
+        self.argv = [os.path.join(os.path.dirname(sys.executable), "gunicorn"), "-c", config,
+                     "--bind", f"127.0.0.1:{self.port}", "--workers", str(workers)]  # fmt: skip
+        if max_requests:
+            self.argv += ["--max-requests", str(max_requests), "--max-requests-jitter", str(max(1, max_requests // 4))]
+        if worker_class:
+            self.argv += ["--worker-class", worker_class]
+        self.argv += list(gunicorn_args)
+        self.requested_worker_class = worker_class
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> GunicornServer:
+        """Start gunicorn and wait until /healthz answers; ServerError (log kept) if it does not."""
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.stop(keep_log=True)
+                raise ServerError(f"gunicorn exited at start ({self.proc.returncode}); see {self.log_path}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1).read()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop(keep_log=True)
+        raise ServerError(f"gunicorn did not answer within {timeout:g}s; see {self.log_path}")
+
+    @property
+    def base_url(self) -> str:
+        """Where the app answers."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """The master's /metrics (METRICS_PORT): it answers even while workers are being killed."""
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def worker_class(self) -> str | None:
+        """The worker class gunicorn says it uses (from its log), else the one asked for."""
+        try:
+            with open(self.log_path, "rb") as log:
+                found = _WORKER_LINE.findall(log.read())
+        except OSError:
+            found = []
+        return found[-1].decode() if found else self.requested_worker_class
+
+    def worker_pids(self) -> list[int]:
+        """The master's current children (its workers)."""
+        with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as src:
+            return [int(p) for p in src.read().split()]
+
+    def kill_worker(self, pid: int) -> None:
+        """SIGKILL one worker, as the OOM killer would."""
+        os.kill(pid, signal.SIGKILL)
+
+    def reload(self) -> None:
+        """HUP the master: new workers with the configuration reloaded."""
+        self.proc.send_signal(signal.SIGHUP)
+
+    def stop(self, *, keep_log: bool) -> str | None:
+        """Stop gunicorn; keep its directory (return the log's path) or remove it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if keep_log:
+            return self.log_path
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return None
