@@ -36,8 +36,23 @@ SHORT, LONG = 300, 1300
 
 
 def drive(requests: int) -> None:
-    """In the measured process: build the app as gunicorn.conf.py would and serve `requests` requests."""
-    from promfork import gunicorn as hooks
+    """In the measured process: build the app as gunicorn.conf.py would and serve `requests` requests.
+
+    The library of the checkout being measured (the current directory) is the one
+    imported: as `promfork` from its metrics/ folder, or as `metrics` in revisions
+    from before the package was named.
+    """
+    import importlib
+    import types
+
+    here = os.getcwd()
+    if os.path.exists(os.path.join(here, "metrics", "__init__.py")):
+        package = types.ModuleType("promfork")
+        package.__path__ = [os.path.join(here, "metrics")]  # not the installed (editable) promfork
+        sys.modules["promfork"] = package
+        hooks = importlib.import_module("promfork.gunicorn")
+    else:
+        hooks = importlib.import_module("metrics.gunicorn")
 
     hooks.prepare_environment()
     if os.environ.get("BENCH_STOCK_VALUES"):
