@@ -223,3 +223,15 @@ def test_locustfile_uses_the_shared_mix():
     source = (ROOT / "loadtest" / "locustfile.py").read_text()
     compile(source, "locustfile.py", "exec")
     assert "from promfork.loadtest.mix import" in source
+
+
+@pytest.mark.integration
+def test_gthread_workers_agree_under_churn_and_kills(tmp_path: Path):
+    # Threads share one process's files: a kill -9 takes every in-flight request of the worker with it.
+    report = tmp_path / "report.json"
+    proc = run_load("--worker-class", "gthread", "--gunicorn-args=--threads 4", "--workers", "2",
+                    "--max-requests", "80", "--kill-workers-every", "0.8", "--duration", "4", "--concurrency", "16",
+                    "--mock-latency-ms", "5", "--json", str(report))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(report.read_text())
+    assert data["agree"] is True and data["kills"] >= 2 and data["worker_class"] == "gthread"
