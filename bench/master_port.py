@@ -2,6 +2,11 @@
 while every worker is saturated with slow requests. Prints both and their ratio from one run.
 
     python bench/master_port.py [--workers 2] [--latency-ms 200] [--scrapes 30]
+
+Also the helpers other benchmarks use to run a real Gunicorn with METRICS_PORT
+(``start_gunicorn``) and ``series_app``, a WSGI app whose workers each hold a
+chosen number of series and change a few of them per request
+(bench/scrape_cost.py measures the master's scrape with it).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -38,27 +44,88 @@ def get(port: int, path: str, timeout: float = 60.0) -> float:
     return time.perf_counter() - start
 
 
+SERIES_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def series_app(series: int = 2000):
+    """A WSGI app (Gunicorn: ``bench.master_port:series_app()``) whose worker holds about `series` series.
+
+    A quarter of the series are counters, two thirds histogram series (a label
+    set is 13: ``_sum`` and 12 buckets), the rest ``livesum`` gauges, all made
+    (at 0) when the worker loads the app. ``GET /touch?n=N`` makes N
+    observations and N counter increments on random label sets: a few percent
+    of the worker's series change. Observed values are multiples of 1/8, so
+    sums are exact in any order and stock and promfork must agree bit for bit.
+    ``SERIES_PER_WORKER`` in the environment overrides `series`.
+    """
+    import random
+    from urllib.parse import parse_qs
+
+    from prometheus_client import Counter, Gauge, Histogram
+
+    series = int(os.environ.get("SERIES_PER_WORKER", series))
+    counters, label_sets = series // 4, series * 2 // 3 // 13
+    gauges = max(series - counters - label_sets * 13, 0)
+    done = Counter("bench_requests", "Requests by route and status.", ["route", "status"])
+    latency = Histogram("bench_latency_seconds", "Latency by route.", ["route"], buckets=SERIES_BOUNDS)
+    level = Gauge("bench_queue_depth", "Queue depth by shard.", ["shard"], multiprocess_mode="livesum")
+    done_children = [done.labels(f"/r{i % 50}", str(200 + i // 50)) for i in range(counters)]
+    latency_children = [latency.labels(f"/route/{i}") for i in range(label_sets)]
+    for i in range(gauges):
+        level.labels(str(i)).set(0)
+
+    def app(environ, start_response):
+        n = int(parse_qs(environ.get("QUERY_STRING", "")).get("n", ["0"])[0])
+        for _ in range(n):
+            random.choice(latency_children).observe(random.randint(0, 80) / 8)
+            random.choice(done_children).inc()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+
+    return app
+
+
+def start_gunicorn(tmp: str, workers: int, env: dict[str, str], app: str | None = None) -> tuple:
+    """Start ``gunicorn -c gunicorn.conf.py`` with METRICS_PORT; return (process, app port, metrics port).
+
+    Waits until the metrics port answers and every worker has booted; the
+    caller stops the process (SIGTERM, then wait).
+    """
+    port, mport = free_port(), free_port()
+    env = dict(os.environ, METRICS_PORT=str(mport), PROMETHEUS_MULTIPROC_DIR=os.path.join(tmp, "mp"), **env)
+    gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")
+    argv = [gunicorn, "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
+            "--control-socket", os.path.join(tmp, "ctl.sock")]  # fmt: skip
+    if app:
+        argv.append(app)
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", mport, timeout=5)
+            conn.request("GET", "/metrics")
+            families = conn.getresponse().read().decode()
+            conn.close()
+            booted = sum(1 for name in os.listdir(os.path.join(tmp, "mp")) if name.endswith(".slot")) - 1
+            if booted >= workers and "gunicorn_workers" in families:
+                return proc, port, mport
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
+    raise RuntimeError("gunicorn did not come up within 120s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--latency-ms", type=int, default=200)
     parser.add_argument("--scrapes", type=int, default=30)
     args = parser.parse_args()
-    port, mport = free_port(), free_port()
     tmp = tempfile.mkdtemp(prefix="promfork-bench-")
-    env = dict(os.environ, METRICS_PORT=str(mport), MOCK_LATENCY_MS=str(args.latency_ms),
-               PROMETHEUS_MULTIPROC_DIR=os.path.join(tmp, "mp"))  # fmt: skip
-    gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")
-    argv = [gunicorn, "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}", "--workers", str(args.workers),
-            "--control-socket", os.path.join(tmp, "ctl.sock")]  # fmt: skip
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, port, mport = start_gunicorn(tmp, args.workers, {"MOCK_LATENCY_MS": str(args.latency_ms)})
     try:
-        for _ in range(100):
-            try:
-                get(port, "/healthz", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
         stop = threading.Event()
         body = json.dumps({"model": "mock-small", "messages": [{"role": "user", "content": "busy"}]})
 
@@ -84,6 +151,7 @@ def main() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+        shutil.rmtree(tmp, ignore_errors=True)
 
     def ms(values, q):
         return statistics.quantiles(values, n=100)[q - 1] * 1000 if q != 50 else statistics.median(values) * 1000

@@ -2,27 +2,32 @@
 
 It reads under the shared files lock (see promfork.multiproc), so a concurrent
 compaction never makes a scrape count a dead worker twice or not at all, and it
-merges exactly (promfork.merge), so totals never dip by a rounding error. Damaged
+merges exactly (promfork.merge), so totals never dip by a rounding error; what
+it keeps between scrapes lives in promfork.reader. Damaged
 files are skipped, counted in ``metrics_scrape_errors_total`` and set aside; the
 scrape still answers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Collection, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from promfork import compaction, dbfiles
+from promfork import exemplars as exemplars_store
 from promfork.compaction import is_alive
 from promfork.config import Settings
-from promfork.merge import merge_files
-from promfork.multiproc import DirectoryLock, fork_guard
+from promfork.multiproc import DirectoryLock, LockTimeout, fork_guard
 from promfork.process import WorkerProcessCollector
+from promfork.reader import Encoder, IncrementalReader
 
 log = logging.getLogger("promfork.collector")
 
@@ -86,7 +91,14 @@ def library_metrics(settings: Settings) -> LibraryMetrics:
 
 
 class AggregatingCollector(Collector):
-    """Collects every process's metrics from a multiprocess directory, exactly once."""
+    """Collects every process's metrics from a multiprocess directory, exactly once.
+
+    Holds a promfork.reader.IncrementalReader for its whole life, so a scrape
+    costs what changed since the last one; ``render`` serves the exposition
+    from the reader's cached lines, ``collect`` gives Metric objects to any
+    other consumer. Safe to call from several threads (one reads at a time)
+    and after a fork (the child starts a reader of its own).
+    """
 
     def __init__(
         self,
@@ -100,32 +112,65 @@ class AggregatingCollector(Collector):
         self.const_labels = dict(const_labels or {})
         self.lock_timeout = lock_timeout
         self._library = library_metrics
+        self._start_reader()
+
+    def _start_reader(self) -> None:
+        self._pid = os.getpid()
+        self._mutex = threading.Lock()
+        self.reader = IncrementalReader(self.directory, self.const_labels)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[IncrementalReader]:
+        if self._pid != os.getpid():  # forked: the parent's lock may have been held at the fork
+            self._start_reader()
+        if not self._mutex.acquire(timeout=self.lock_timeout):
+            raise LockTimeout(f"another scrape of {self.directory} held the reader for {self.lock_timeout}s")
+        try:
+            yield self.reader
+        finally:
+            self._mutex.release()
 
     def collect(self) -> Iterable[Metric]:
         """Merge all files; raises multiproc.LockTimeout if a compaction holds the lock too long."""
+        with self._reading() as reader:
+            extra, _ = self._refresh(reader)
+            return reader.metrics(extra)
+
+    def render(self, encoder: Encoder, fmt: str, names: Collection[str] | None = None, exemplars: bool = False) -> str:
+        """The aggregated metrics formatted by `encoder` (no ``# EOF``), re-formatting only what changed.
+
+        `fmt` is the format's content type (the cache key), `names` the
+        ``name[]`` filter; with `exemplars` (OpenMetrics), bucket lines carry
+        the exemplars of promfork.exemplars. Raises LockTimeout as ``collect``.
+        """
+        with self._reading() as reader:
+            extra, found = self._refresh(reader, exemplars)
+            return reader.render(encoder, fmt, names, extra, found)
+
+    def _refresh(self, reader: IncrementalReader, exemplars: bool = False) -> tuple[dict[str, float], dict | None]:
+        """Bring the reader up to the directory (and read exemplars, if asked) under the shared lock.
+
+        Damaged files are set aside; returns this scrape's own counts to add
+        (see ``LibraryMetrics``) and the exemplars.
+        """
         if compaction.needs_recovery(self.directory):
             with self.lock.hold(exclusive=True, timeout=self.lock_timeout):
                 compaction.recover(self.directory)
         with self.lock.hold(exclusive=False, timeout=self.lock_timeout):
-            metrics, damaged = self._read()
-        if damaged:
-            self._set_aside(damaged)
-            # The files were read before the counter moved: show this scrape's finds now.
-            for metric in metrics:
-                if metric.name == self._library.scrape_errors_name:
-                    metric.samples = [s._replace(value=s.value + len(damaged)) for s in metric.samples]
-        if self.const_labels:
-            for metric in metrics:
-                metric.samples = [s._replace(labels={**s.labels, **self.const_labels}) for s in metric.samples]
-        return metrics
+            damaged = self._read(reader)
+            found = exemplars_store.read_exemplars(self.directory) if exemplars else None
+        if not damaged:
+            return {}, found
+        self._set_aside(damaged)
+        # The files were read before the counter moved: show this scrape's finds now.
+        return {self._library.scrape_errors_name: len(damaged)}, found
 
-    def _read(self) -> tuple[list[Metric], list[str]]:
+    def _read(self, reader: IncrementalReader) -> list[str]:
         names = sorted(n for n in os.listdir(self.directory) if n.endswith(".db"))
         foreign = [n for n in names if dbfiles.parse_name(n) is None]
-        paths = [os.path.join(self.directory, n) for n in names if n not in foreign]
-        metrics, unreadable = merge_files(paths)
+        unreadable = reader.update(n for n in names if n not in foreign)
         damaged = [n for n in unreadable if not self._still_being_created(n, os.path.join(self.directory, n))]
-        return metrics, foreign + damaged
+        return foreign + damaged
 
     @staticmethod
     def _still_being_created(name: str, path: str) -> bool:
@@ -151,15 +196,48 @@ class AggregatingCollector(Collector):
                 compaction.quarantine(self.directory, name, "unreadable during scrape")
 
 
-def exposition_registry(settings: Settings) -> CollectorRegistry:
+class ExpositionRegistry(CollectorRegistry):
+    """The registry behind /metrics: the aggregating collector, served from its cached lines, and the rest.
+
+    ``collect()`` and prometheus-client's encoders work on it as on any
+    registry. ``exposition`` is what promfork.exposition serves: the
+    aggregated families from the reader's cache, then whatever else is
+    registered (per-worker process metrics) formatted by prometheus-client.
+    """
+
+    def __init__(self, aggregating: AggregatingCollector) -> None:
+        # Our collectors have no describe(): without the flag, ?name[]= filtering would answer nothing.
+        super().__init__(auto_describe=False, support_collectors_without_names=True)
+        self.aggregating = aggregating
+        self._rest = CollectorRegistry(auto_describe=False, support_collectors_without_names=True)
+        super().register(aggregating)
+
+    def register(self, collector: Collector) -> None:
+        """Register `collector` beside the aggregated metrics."""
+        super().register(collector)
+        self._rest.register(collector)
+
+    def unregister(self, collector: Collector) -> None:
+        """Remove a collector registered with ``register``."""
+        super().unregister(collector)
+        self._rest.unregister(collector)
+
+    def exposition(self, accept: str | None, names: Collection[str] | None = None) -> tuple[bytes, str]:
+        """The body and content type answering a scrape with this ``Accept`` header and ``name[]`` filter."""
+        encoder, content_type = choose_encoder(accept)
+        openmetrics = content_type.startswith("application/openmetrics-text")
+        aggregated = self.aggregating.render(encoder, content_type, names, exemplars=openmetrics)
+        rest = self._rest if names is None else self._rest.restricted_registry(names)
+        return aggregated.encode("utf-8") + encoder(rest), content_type
+
+
+def exposition_registry(settings: Settings) -> ExpositionRegistry:
     """A registry that aggregates every process's metrics from the multiprocess directory.
 
     Built per process and never the default registry, so nothing a worker
     registers by accident leaks into (or doubles) the aggregated exposition.
     """
     directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    # Our collectors have no describe(): without the flag, ?name[]= filtering would answer nothing.
-    registry = CollectorRegistry(auto_describe=False, support_collectors_without_names=True)
-    registry.register(AggregatingCollector(directory, library_metrics(settings), settings.const_labels))
+    registry = ExpositionRegistry(AggregatingCollector(directory, library_metrics(settings), settings.const_labels))
     registry.register(WorkerProcessCollector(directory, settings.namespace, settings.const_labels))
     return registry

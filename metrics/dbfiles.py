@@ -41,7 +41,10 @@ Compaction folds a file only after taking that lock exclusively (see
 ``claim``), so it never folds a file a live process may write, whatever the
 timing (a reused pid, a fork right after a check).
 
-Archive reading goes through prometheus-client's own reader. ``ValueFile`` is
+Archive reading goes through prometheus-client's own reader; the long-lived
+scrape reader (promfork.reader) reads snapshots of a file's used bytes
+(``read_snapshot``) and indexes entries from a given offset on
+(``index_entries``), so that it parses only what was appended. ``ValueFile`` is
 the write path of the workers' hot loop: the same layout, written byte for byte
 as ``MmapedDict`` writes it, with each value's position handed to its owner so
 that an update is one aligned 8-byte store. ``tests/test_dbfiles.py`` pins both
@@ -60,12 +63,13 @@ import re
 import struct
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from prometheus_client.mmap_dict import MmapedDict
 
 ARCHIVE = "archive"
 _HEADER = struct.Struct("i")  # bytes used, native int, as MmapedDict writes it
-_FIRST_ENTRY = 8  # the header int and 4 bytes of padding
+FIRST_ENTRY = _FIRST_ENTRY = 8  # the header int and 4 bytes of padding
 _INITIAL_SIZE = 1 << 16  # as MmapedDict; the file doubles when full
 VALUE_SIZE = 16  # value and timestamp, two doubles
 FILE_MODE = 0o600
@@ -155,6 +159,71 @@ def read_entries(path: str) -> Entries:
     except Exception as exc:  # struct.error, RuntimeError, UnicodeDecodeError ...
         raise CorruptFile(f"{os.path.basename(path)}: {exc}") from None
     return entries
+
+
+class Snapshot(NamedTuple):
+    """A file's identity and its bytes up to its "used" header, as read at one instant."""
+
+    inode: int
+    device: int
+    data: bytes  # b"" for a file created but never written
+
+
+def read_snapshot(path: str) -> Snapshot:
+    """Read a file's bytes up to "used" in two ``pread`` calls; raise CorruptFile if the header is bad.
+
+    The header is read first: every entry before the "used" it names was
+    complete before the header grew over it, so the bytes read next hold whole
+    entries only. The same checks as ``read_entries``; no mapping and no
+    descriptor outlives the call.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        stat = os.fstat(fd)
+        header = os.pread(fd, 8, 0)
+        used = _HEADER.unpack_from(header)[0] if len(header) == 8 else -1
+        if used == 0:
+            return Snapshot(stat.st_ino, stat.st_dev, b"")
+        if not 8 <= used <= stat.st_size:
+            raise CorruptFile(f"{os.path.basename(path)}: bad header (used={used}, size={stat.st_size})")
+        data = os.pread(fd, used, 0)
+    finally:
+        os.close(fd)
+    if len(data) < used:
+        raise CorruptFile(f"{os.path.basename(path)}: shorter than its header says ({len(data)} < {used})")
+    return Snapshot(stat.st_ino, stat.st_dev, data)
+
+
+def index_entries(data: bytes, start: int = FIRST_ENTRY) -> tuple[list[bytes], list[int]]:
+    """The raw UTF-8 keys and the value offsets of a snapshot's entries from byte `start` on.
+
+    `start` must be where an entry begins: ``FIRST_ENTRY`` or the length of an
+    earlier snapshot of the same file (entries are only ever appended). Entry
+    ``i`` spans from the end of entry ``i - 1`` (or ``FIRST_ENTRY``) to its
+    value offset + ``VALUE_SIZE``; the value and timestamp are the two doubles
+    at its value offset (see ``unpack_value``). Raises CorruptFile where
+    prometheus-client's reader fails (a key running past the end) and where it
+    would not advance (a key length of 0 or less) or would read past the end.
+    Keys are returned undecoded: the caller decodes (and so checks) each
+    distinct key once.
+    """
+    keys: list[bytes] = []
+    offsets: list[int] = []
+    used = len(data)
+    unpack = _HEADER.unpack_from
+    pos = start
+    while pos < used:
+        length = unpack(data, pos)[0] if pos + 4 <= used else -1
+        value_at = pos + 4 + length + (8 - (length + 4) % 8)
+        if length <= 0 or value_at + VALUE_SIZE > used:
+            raise CorruptFile(f"entry at byte {pos} runs past the end ({used} bytes used)")
+        keys.append(data[pos + 4 : pos + 4 + length])
+        offsets.append(value_at)
+        pos = value_at + VALUE_SIZE
+    return keys, offsets
+
+
+unpack_value = struct.Struct("dd").unpack_from  # (value, timestamp) at a value offset
 
 
 def add_exact(total: tuple[float, float], value: float) -> tuple[float, float]:

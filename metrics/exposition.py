@@ -1,8 +1,10 @@
-"""The /metrics WSGI app: bearer-token auth in front of prometheus-client's exposition.
+"""The /metrics WSGI app: bearer-token auth in front of the exposition.
 
-prometheus-client's ``make_wsgi_app`` does the format work (text 0.0.4 by
-default, OpenMetrics when ``Accept`` asks for it, gzip when accepted, ``name[]``
-filtering); this module adds what a production endpoint also needs: optional
+The aggregated registry (promfork.collector.ExpositionRegistry) is served from
+its reader's cached lines, with prometheus-client's format choice (text 0.0.4
+by default, OpenMetrics when ``Accept`` asks for it), gzip when accepted and
+``name[]`` filtering; any other registry through prometheus-client's
+``make_wsgi_app``. This module adds what a production endpoint also needs: optional
 ``Authorization: Bearer`` checked in constant time, JSON errors, a 503 with
 ``Retry-After`` instead of a stack trace when the directory stays locked,
 ``Content-Length``, and HEAD (prometheus-client answers it 405): the headers a
@@ -11,11 +13,14 @@ GET would get, without the body.
 
 from __future__ import annotations
 
+import gzip
 import hmac
 import json
 import logging
+from urllib.parse import parse_qs
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import gzip_accepted
 
 from promfork.multiproc import LockTimeout
 
@@ -50,9 +55,32 @@ def _with_content_length(app, environ, start_response):
     return [body]
 
 
+def _cached_exposition_app(registry):
+    """A GET-only WSGI app answering from ``registry.exposition`` (what make_wsgi_app does with collect())."""
+
+    def expose(environ, start_response):
+        if environ.get("PATH_INFO") == "/favicon.ico":  # as prometheus-client answers browsers
+            start_response("200 OK", [])
+            return [b""]
+        names = parse_qs(environ.get("QUERY_STRING", "")).get("name[]")
+        body, content_type = registry.exposition(environ.get("HTTP_ACCEPT"), names)
+        headers = [("Content-Type", content_type)]
+        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING")):
+            body = gzip.compress(body)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [body]
+
+    return expose
+
+
 def make_metrics_app(registry: CollectorRegistry, auth_token: str | None = None):
-    """Return a WSGI app serving `registry`, requiring `auth_token` as a bearer token when set."""
-    expose = make_wsgi_app(registry)
+    """Return a WSGI app serving `registry`, requiring `auth_token` as a bearer token when set.
+
+    A registry with an ``exposition(accept, names)`` method (the aggregated one)
+    is served from it; any other through prometheus-client's ``make_wsgi_app``.
+    """
+    expose = _cached_exposition_app(registry) if hasattr(registry, "exposition") else make_wsgi_app(registry)
     expected = f"Bearer {auth_token}".encode() if auth_token else None
 
     def answer(method: str, environ, start_response):

@@ -21,12 +21,18 @@ prometheus-client: a ``min``/``max`` gauge where one process holds nan and
 another a number keeps whichever comes first, because every comparison with nan
 is false. So such a value may change when compaction moves it into the archive
 (which sorts after the pids' files).
+
+``merge_files`` merges a whole directory; promfork.reader, which keeps what it
+read between scrapes, merges a family whole with ``FamilyMerge`` when its
+entries come or go, and one label set again with a ``SummedLabelSet`` plan when
+only values moved: the rules above live here, once, for both.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -58,7 +64,14 @@ def exact_sum(values: Sequence[float]) -> float:
         return total
 
 
-class _Family:
+class FamilyMerge:
+    """The merge of one metric family's samples, added file by file in file order.
+
+    ``merge_files`` feeds one per family; promfork.reader feeds one per label
+    set whose inputs changed, which gives that label set's samples exactly as a
+    whole-family merge would.
+    """
+
     __slots__ = ("addends", "buckets", "extremes", "label_sets", "metric", "per_pid", "recent")
 
     def __init__(self, metric: Metric) -> None:
@@ -71,6 +84,125 @@ class _Family:
         self.recent: dict[tuple, tuple[float, float]] = {}
         self.per_pid: dict[tuple, float] = {}
 
+    def add(self, file: dbfiles.DbFile, name: str, labels: tuple, value: float, ts: float) -> None:
+        """Add one entry of `file` (value and timestamp-or-remainder as stored)."""
+        _add(self, file, name, labels, value, ts, file.owner == dbfiles.ARCHIVE)
+
+    def add_rows(self, file: dbfiles.DbFile, rows: Iterable[tuple], values: Iterable[tuple[float, float]]) -> None:
+        """Add entries of `file` in file order: parsed keys (as ``parse_key`` gives them) and (value, timestamp)."""
+        archive = file.owner == dbfiles.ARCHIVE
+        for (_, name, labels, _), (value, ts) in zip(rows, values, strict=True):
+            _add(self, file, name, labels, value, ts, archive)
+
+    def finish(self) -> Metric:
+        """The family's metric with its merged samples, in prometheus-client's order."""
+        return _finish(self)
+
+    def finish_by_label_set(self) -> list[tuple[tuple, list[Sample]]]:
+        """The merged samples of each label set (keyed as ``group_key`` keys them), label sets in exposition order."""
+        values = _values(self)
+        return [
+            (labels, [Sample(name, dict(sample_labels), values[name, sample_labels]) for name, sample_labels in keys])
+            for labels, keys in self.label_sets.items()
+        ]
+
+
+def is_summed(file: dbfiles.DbFile) -> bool:
+    """True for files whose values are added up across processes (counter, histogram, summary, sum gauges)."""
+    return file.kind != "gauge" or file.mode in _SUMMED_GAUGES
+
+
+def orders_by_value(file: dbfiles.DbFile) -> bool:
+    """True for files whose values decide whether a label set is exposed at all (mostrecent gauges need ts > 0)."""
+    return file.kind == "gauge" and file.mode in ("mostrecent", "livemostrecent")
+
+
+class SummedLabelSet:
+    """One label set whose inputs are all summed (see ``is_summed``), merged again from new values at little cost.
+
+    Built once from its inputs' keys; ``values`` then gives the label set's
+    sample values, in ``keys`` order, exactly as ``FamilyMerge`` would from
+    the same inputs in the same order: exact sums, archive remainders,
+    cumulative buckets, ``_count`` from the ``+Inf`` total.
+    """
+
+    def __init__(self, metric_name: str, inputs: Sequence[tuple[dbfiles.DbFile, str, tuple]]) -> None:
+        sums: dict[tuple, list[int]] = {}
+        buckets: dict[float, list[int]] = {}
+        bucket_labels: tuple = ()
+        for i, (file, name, labels) in enumerate(inputs):
+            refs = (i, ~i) if file.owner == dbfiles.ARCHIVE else (i,)  # ~i: the remainder, stored as timestamp
+            if file.kind == "histogram":
+                stripped, bucket = group_key(file, labels)
+                if bucket:
+                    buckets.setdefault(float(dict(labels)["le"]), []).extend(refs)
+                    bucket_labels = stripped
+                    continue
+            sums.setdefault((name, labels), []).extend(refs)
+        count = len(inputs)
+
+        def getter(refs: list[int]):  # reads the addends out of values + stamps (see values()) in one C call
+            at = [r if r >= 0 else count + ~r for r in refs]
+            return operator.itemgetter(*at) if len(at) > 1 else lambda both, i=at[0]: (both[i],)
+
+        self._sums = [getter(refs) for refs in sums.values()]
+        self._bounds = [getter(buckets[bound]) for bound in sorted(buckets)]
+        keys = dict.fromkeys(sums)
+        if buckets:
+            for bound in sorted(buckets):
+                keys[(metric_name + "_bucket", (*bucket_labels, ("le", floatToGoString(bound))))] = None
+            count_key = (metric_name + "_count", bucket_labels)
+            self._count_at = list(keys).index(count_key) if count_key in keys else len(keys)
+            keys[count_key] = None
+        self.keys: list[tuple[str, tuple]] = list(keys)
+
+    def values(self, values: Sequence[float], stamps: Sequence[float]) -> list[float]:
+        """The label set's sample values from each input's value and timestamp (the remainder in archives)."""
+        both = [*values, *stamps]
+        out = [exact_sum(get(both)) for get in self._sums]
+        if self._bounds:
+            cumulative = 0.0
+            for get in self._bounds:
+                cumulative += exact_sum(get(both))
+                out.append(cumulative)
+            if self._count_at < len(self._sums):
+                out[self._count_at] = cumulative  # a stored _count is replaced by the bucket total, as in _finish
+            else:
+                out.append(cumulative)
+        return out
+
+
+def parse_key(key: str) -> tuple[str, str, tuple, str]:
+    """A file entry's key as (metric name, sample name, labels sorted by name, help); ValueError if malformed.
+
+    Labels become a sorted tuple of string pairs: the form every merge rule and
+    every cache of parsed keys (promfork.reader) uses.
+    """
+    try:
+        metric_name, name, labels, help_text = json.loads(key)
+        return metric_name, name, tuple(sorted((str(k), str(v)) for k, v in labels.items())), help_text
+    except (ValueError, TypeError, AttributeError):
+        raise ValueError(f"malformed key {key[:80]!r}") from None
+
+
+def group_key(file: dbfiles.DbFile, labels: tuple) -> tuple[tuple, bool]:
+    """The label set a sample of `file` with `labels` is exposed under, and whether it is a histogram bucket.
+
+    A label set's samples are merged and exposed together (a histogram's buckets,
+    ``_sum`` and ``_count``; an ``all`` gauge's value per process, whose label
+    set gains ``pid``). Buckets place their label set after the others that were
+    met first through a non-bucket sample: see ``FamilyMerge.finish``.
+    """
+    if file.kind == "gauge":
+        if file.mode in ("all", "liveall"):
+            return (*labels, ("pid", file.owner)), False
+        return labels, False
+    if file.kind == "histogram":
+        for i, (label, _) in enumerate(labels):
+            if label == "le":
+                return labels[:i] + labels[i + 1 :], True
+    return labels, False
+
 
 def _parse_file(path: str, key_cache: dict) -> list[tuple]:
     """Every (metric, sample name, labels, help, value, remainder-or-timestamp) of one file, or CorruptFile."""
@@ -79,18 +211,16 @@ def _parse_file(path: str, key_cache: dict) -> list[tuple]:
         parsed = key_cache.get(key)
         if parsed is None:
             try:
-                metric_name, name, labels, help_text = json.loads(key)
-                labels_key = tuple(sorted((str(k), str(v)) for k, v in labels.items()))
-            except (ValueError, TypeError, AttributeError):
-                raise dbfiles.CorruptFile(f"{os.path.basename(path)}: malformed key {key[:80]!r}") from None
-            parsed = key_cache[key] = (metric_name, name, labels_key, help_text)
+                parsed = key_cache[key] = parse_key(key)
+            except ValueError as exc:
+                raise dbfiles.CorruptFile(f"{os.path.basename(path)}: {exc}") from None
         rows.append((*parsed, value, ts))
     return rows
 
 
 def merge_files(paths: Iterable[str]) -> tuple[list[Metric], list[str]]:
     """Merge every readable file; return the metrics and the names of files that could not be parsed."""
-    families: dict[str, _Family] = {}
+    families: dict[str, FamilyMerge] = {}
     damaged: list[str] = []
     key_cache: dict = {}
     for path in paths:
@@ -106,12 +236,12 @@ def merge_files(paths: Iterable[str]) -> tuple[list[Metric], list[str]]:
         for metric_name, name, labels, help_text, value, ts in rows:
             family = families.get(metric_name)
             if family is None:
-                family = families[metric_name] = _Family(Metric(metric_name, help_text, file.kind))
+                family = families[metric_name] = FamilyMerge(Metric(metric_name, help_text, file.kind))
             _add(family, file, name, labels, value, ts, archive)
     return [_finish(f) for f in families.values()], damaged
 
 
-def _add(family: _Family, file: dbfiles.DbFile, name: str, labels: tuple, value: float, ts: float, archive: bool):
+def _add(family: FamilyMerge, file: dbfiles.DbFile, name: str, labels: tuple, value: float, ts: float, archive: bool):
     if file.kind == "gauge":
         mode = file.mode
         if mode in ("all", "liveall"):
@@ -147,7 +277,16 @@ def _add(family: _Family, file: dbfiles.DbFile, name: str, labels: tuple, value:
     family.label_sets[labels].setdefault(key)
 
 
-def _finish(family: _Family) -> Metric:
+def _finish(family: FamilyMerge) -> Metric:
+    values = _values(family)
+    family.metric.samples = [
+        Sample(name, dict(labels), values[name, labels]) for keys in family.label_sets.values() for name, labels in keys
+    ]
+    return family.metric
+
+
+def _values(family: FamilyMerge) -> dict[tuple, float]:
+    """Every sample key's merged value; registers bucket and _count keys in their label sets."""
     metric = family.metric
     values = {key: exact_sum(addends) for key, addends in family.addends.items()}
     values.update(family.extremes)
@@ -163,7 +302,4 @@ def _finish(family: _Family) -> Metric:
             values[key] = cumulative
         keys[(metric.name + "_count", labels)] = None
         values[(metric.name + "_count", labels)] = cumulative
-    metric.samples = [
-        Sample(name, dict(labels), values[name, labels]) for keys in family.label_sets.values() for name, labels in keys
-    ]
-    return metric
+    return values

@@ -23,6 +23,10 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
+    # wsgiref sends the headers and the body in two writes: without TCP_NODELAY the body
+    # can wait for the client's (possibly delayed) ACK of the headers.
+    disable_nagle_algorithm = True
+
     def log_message(self, format, *args):
         pass
 
