@@ -29,11 +29,19 @@ carries the same key.
 inside this one, by promfork.exposition's WSGI app run in a worker thread (a
 scrape reads files under a lock: it must not block the event loop). Lifespan
 and websocket scopes pass through untouched.
+
+Traces: a request with a sampled W3C ``traceparent`` header (or, when
+OpenTelemetry is in use, a sampled span current as it enters this middleware)
+has its trace bound for the request's task (``promfork.trace.current_trace``,
+copied into threads the app runs sync code in) and leaves it as the exemplar of
+its duration bucket (promfork.exemplars). The header is found in the same pass
+over the headers that finds Content-Length.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from time import perf_counter
@@ -51,6 +59,7 @@ from promfork.config import Settings, load_settings
 from promfork.exposition import disabled_app, make_metrics_app
 from promfork.http import KNOWN_METHODS, OTHER_METHOD, RESPONSE_COMPLETE_KEY, UNMATCHED, HttpRecorder
 from promfork.multiproc import ensure_multiprocess_mode
+from promfork.trace import bind, request_trace, unbind
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -64,6 +73,7 @@ __all__ = ["RESPONSE_COMPLETE_KEY", "PrometheusMiddleware", "route_template"]
 # of one name would write one file slot from two separate in-memory totals.
 _shared_recorders: dict[str, HttpRecorder] = {}
 _STATUS = {code: str(code) for code in range(100, 600)}
+_modules = sys.modules  # "opentelemetry.trace" in it: OpenTelemetry is in use (see promfork.trace)
 
 
 class PrometheusMiddleware:
@@ -119,10 +129,16 @@ class PrometheusMiddleware:
         scope = dict(scope)  # a copy: this request's additions never reach the server's scope
         exchange.route = self._route(scope)
         scope[RESPONSE_COMPLETE_KEY] = exchange.record
+        # Each request runs in a task of its own, whose context starts without a trace.
+        if exchange.traceparent is not None or "opentelemetry.trace" in _modules:
+            exchange.trace = trace = request_trace(exchange.traceparent)
+            bind(trace)
         try:
             await self.app(scope, receive, exchange.send)
         finally:
             exchange.record()
+            if exchange.trace is not None:
+                unbind()
 
     def _route(self, scope: Scope) -> str:
         # Read on every request: routes may be added after the middleware.
@@ -218,7 +234,19 @@ def _route_path(scope: Scope) -> str:
 class _Exchange:
     """One request/response: captures the status, measures the body, records once."""
 
-    __slots__ = ("method", "once", "recorder", "request_bytes", "route", "sent", "server_send", "started", "status")
+    __slots__ = (
+        "method",
+        "once",
+        "recorder",
+        "request_bytes",
+        "route",
+        "sent",
+        "server_send",
+        "started",
+        "status",
+        "trace",
+        "traceparent",
+    )
 
     def __init__(self, scope: Scope, server_send: Send, recorder: HttpRecorder) -> None:
         self.started = perf_counter()
@@ -227,7 +255,8 @@ class _Exchange:
         self.route = UNMATCHED  # until the routes are matched
         method = scope["method"]
         self.method = method if method in KNOWN_METHODS else OTHER_METHOD
-        self.request_bytes = _content_length(scope["headers"])
+        self.request_bytes, self.traceparent = _request_headers(scope["headers"])
+        self.trace = None  # set by the middleware when the request carries one
         self.status = "500"  # until a response starts
         self.sent = 0
         # record() may be called from the app's thread (a sync generator) while the loop ends the
@@ -258,16 +287,26 @@ class _Exchange:
         key = (self.method, self.route, self.status)
         series = recorder.bound.get(key) or recorder.series(*key)
         series.update(1, seconds, self.request_bytes, self.sent, -1)  # counted, so no longer in flight
+        if self.trace is not None:
+            recorder.record_exemplar(self.method, self.route, seconds, self.trace)
 
 
-def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
+def _request_headers(headers: Sequence[tuple[bytes, bytes]]) -> tuple[int, str | None]:
+    """Content-Length (0 when absent or invalid) and the ``traceparent`` value (None when absent or repeated)."""
+    length = None
+    traceparent = None
     for name, value in headers:
-        if len(name) == 14 and name.lower() == b"content-length":
+        size = len(name)
+        if size == 14 and length is None and name.lower() == b"content-length":
             try:
-                return int(value)
+                length = int(value)
             except ValueError:
-                return 0
-    return 0
+                length = 0
+        elif size == 11 and name.lower() == b"traceparent":
+            # Sent twice, it is invalid (W3C); the joined value fails parsing, as under WSGI.
+            decoded = value.decode("latin-1")
+            traceparent = decoded if traceparent is None else f"{traceparent},{decoded}"
+    return length or 0, traceparent
 
 
 def _file_size(path: Any) -> int:

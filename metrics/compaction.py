@@ -38,6 +38,14 @@ or dead) die with their process too: kept, they would add a series for every
 worker that ever lived. The first time the compactor drops one it logs the
 gauge's name and the modes that aggregate instead.
 
+Exemplar files (``exemplars_<pid>.bin``, promfork.exemplars) of the same dead
+pids are folded after the values, in the same run and under the same lock:
+each is claimed like a value file, merged into ``exemplars_archive.bin`` (the
+most recent exemplar per bucket wins) and deleted. That merge is idempotent, so
+it needs no journal: a crash in the middle folds the file again next time. A
+dead worker's last exemplars therefore stay on the exposition until newer ones
+of the same buckets replace them, and its file does not pile up.
+
 This module relies on promfork's value store (promfork.values) taking the writer
 lock. With prometheus-client's own value class no writer holds it, so the
 Gunicorn hooks do not compact at all then (dead workers' files are kept, as
@@ -55,7 +63,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from promfork import dbfiles
+from promfork import dbfiles, exemplars
 from promfork.multiproc import DirectoryLock
 
 log = logging.getLogger("promfork.compaction")
@@ -257,6 +265,8 @@ def compact_dead_workers(directory: str, pids: Iterable[int]) -> CompactionResul
         _step("done")
     result.pids = sorted(int(p) for p in folded)
     result.files_removed += len(delete)
+    # After the values: an archive that cannot be written raises, and the pids stay pending.
+    result.files_removed += exemplars.fold_dead_workers(directory, (int(p) for p in wanted))
     return result
 
 
@@ -279,6 +289,8 @@ def pids_with_files(directory: str) -> set[int]:
         parsed = dbfiles.parse_name(name)
         if parsed is not None and parsed.pid is not None:
             pids.add(parsed.pid)
+        elif (pid := exemplars.exemplar_file_pid(name)) is not None:
+            pids.add(pid)
     return pids
 
 

@@ -6,14 +6,18 @@ series: ``http_requests_total{method,route,status}``,
 ``http_request_duration_seconds{method,route}``, ``http_requests_in_flight``
 (livesum) and the request/response size histograms. Label values are bounded:
 routes are framework templates or ``UNMATCHED``, methods outside
-``KNOWN_METHODS`` become ``other``.
+``KNOWN_METHODS`` become ``other``. A request with a sampled trace
+(promfork.trace) also leaves its trace as the exemplar of the duration bucket
+it was counted in (promfork.exemplars), after its values are stored.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from promfork import exemplars
 from promfork.config import Settings
+from promfork.trace import TraceContext
 from promfork.values import Samples
 
 UNMATCHED = "unmatched"  # the route label of every path no route matched
@@ -82,3 +86,10 @@ class HttpRecorder:
                 self.in_flight,
             )
         return found
+
+    def record_exemplar(self, method: str, route: str, seconds: float, trace: TraceContext) -> None:
+        """Leave `trace` as the exemplar of the ``http_request_duration_seconds`` bucket `seconds` was counted in.
+
+        Call it after ``series(...).update``, for requests that carry a trace only.
+        """
+        exemplars.record_trace(self.duration, (method, route), seconds, trace)

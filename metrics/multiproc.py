@@ -31,6 +31,8 @@ import threading
 import time
 from collections.abc import Iterator
 
+from promfork.exemplars import is_exemplar_file
+
 MASTERS_LOCK = ".masters.lock"
 FILES_LOCK = ".files.lock"
 INTENT_LOCK = ".intent.lock"
@@ -120,15 +122,16 @@ def is_private(path: str) -> bool:
 
 
 def wipe_stale_files(path: str, keep_pid: int | None = None) -> int:
-    """Delete every metric, journal and scratch file of an earlier run, except `keep_pid`'s; return how many."""
+    """Delete every metric, exemplar, journal and scratch file of an earlier run but `keep_pid`'s; return how many."""
     removed = 0
-    kept = f"_{keep_pid}.db"
+    kept = (f"_{keep_pid}.db", f"_{keep_pid}.bin")
     for entry in os.scandir(path):
         if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
             continue
         if keep_pid is not None and entry.name.endswith(kept):
             continue
-        if entry.name.endswith((".db", ".new", ".journal", ".journal.tmp", ".exit", ".slot")):
+        stale = entry.name.endswith((".db", ".new", ".journal", ".journal.tmp", ".exit", ".slot"))
+        if stale or is_exemplar_file(entry.name):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
                 removed += 1

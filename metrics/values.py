@@ -178,6 +178,16 @@ def report_write_errors_to(counter) -> None:
     _write_errors = value if type(value) is MmapValue else None
 
 
+def count_write_errors(count: int) -> None:
+    """Count `count` updates of another store (exemplars) that could not be stored, in the write-errors counter.
+
+    Call it without holding this module's lock (it takes it).
+    """
+    counter = _write_errors
+    if counter is not None:
+        counter.inc(float(count))
+
+
 def _add(value: MmapValue, amount: float, process: _Process) -> bool:
     """Add `amount` to `value` in `process`; True when stored, False when held in memory. Lock held."""
     if value._owner is not process:
