@@ -16,11 +16,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/gunicorn -c gunicorn.conf.py
 
-# promtool and prometheus come from Debian's `prometheus` package; installed when
-# missing and we may (root with apt-get), otherwise the tests that need them say so.
+# prometheus and promtool come from Debian's `prometheus` package, prometheus-alertmanager and
+# amtool from `prometheus-alertmanager`; installed when missing and we may (root with apt-get),
+# otherwise the tests that need them say so.
 system-deps:
-	@if ! command -v promtool >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	@if ! { command -v promtool && command -v amtool; } >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			prometheus prometheus-alertmanager >/dev/null; \
 	fi
 
 test: $(STAMP) system-deps
@@ -41,6 +43,7 @@ bench: $(STAMP)
 	$(PY) bench/master_port.py
 	$(PY) bench/instructions.py
 	$(PY) bench/overhead.py
+	$(PY) bench/series_count.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
