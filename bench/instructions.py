@@ -10,7 +10,9 @@ is the cost of one request, start-up excluded. Configurations:
   metrics-off        METRICS_ENABLED=false
   promfork           full instrumentation
   stock-values       the same, with prometheus-client's own multiprocess value class
-  promfork@REF       with --before REF: the same app from an older git revision
+  http-only          the same, with the gateway's GenAI metrics off (HTTP metrics only)
+  off@REF, promfork@REF  with --before REF: the same app from an older git revision,
+                     metrics off and on (its own added cost, as the app itself changes too)
 Counts move by about 2,000 between runs (temporary paths, ids and clocks differ).
 The HTTP server's own work is not included, so the ratio here is lower than the
 throughput ratio of bench/overhead.py.
@@ -62,6 +64,8 @@ def drive(requests: int) -> None:
     from webapp.app import create_app
 
     app = create_app()
+    if os.environ.get("BENCH_NO_GENAI"):
+        app.extensions["gateway"].telemetry.enabled = False  # HTTP metrics only: what the GenAI ones add
 
     def start_response(status, headers, exc_info=None):
         if not status.startswith("200"):
@@ -112,11 +116,13 @@ def main() -> None:
         "metrics-off": (ROOT, {"METRICS_ENABLED": "false"}),
         "promfork": (ROOT, {}),
         "stock-values": (ROOT, {"BENCH_STOCK_VALUES": "1"}),
+        "http-only": (ROOT, {"BENCH_NO_GENAI": "1"}),
     }
     worktree = None
     if args.before:
         worktree = tempfile.mkdtemp(prefix="bench-before-")
         subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", "-q", worktree, args.before], check=True)
+        configurations[f"off@{args.before}"] = (worktree, {"METRICS_ENABLED": "false"})
         configurations[f"promfork@{args.before}"] = (worktree, {})
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
@@ -126,9 +132,10 @@ def main() -> None:
             subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", worktree], check=False)
     off = costs["metrics-off"]
     print("instructions per chat completion, in-process WSGI app (callgrind)")
-    print(f"{'configuration':<20} {'instr/request':>14} {'added':>10} {'vs metrics-off':>15}")
+    print(f"{'configuration':<20} {'instr/request':>14} {'added':>10} {'vs metrics-off':>15}  (@REF rows: vs off@REF)")
     for name, cost in costs.items():
-        print(f"{name:<20} {cost:>14,.0f} {cost - off:>+10,.0f} {off / cost:>14.3f}x")
+        base = costs[f"off@{args.before}"] if args.before and name.endswith(f"@{args.before}") else off
+        print(f"{name:<20} {cost:>14,.0f} {cost - base:>+10,.0f} {base / cost:>14.3f}x")
 
 
 if __name__ == "__main__":

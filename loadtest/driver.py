@@ -45,7 +45,7 @@ async def send(session, base: str, spec: RequestSpec) -> Outcome:
     """Send one request and read the whole response; a failure is recorded, never raised."""
     import aiohttp
 
-    outcome = Outcome(spec.kind, spec.method, spec.route, spec.status, started=time.perf_counter())
+    outcome = Outcome(spec.kind, spec.method, spec.route, spec.status, started=time.perf_counter(), model=spec.model)
     headers = {"Content-Type": "application/json"} if spec.body is not None else None
     try:
         async with session.request(spec.method, base + spec.path, data=spec.body, headers=headers) as resp:
@@ -72,9 +72,12 @@ def read_usage(outcome: Outcome, spec: RequestSpec, raw: bytes) -> None:
                 return  # cut short or ended by an error event: tokens unknown to the client
             usage = json.loads(events[-2])["usage"]
         prompt, completion = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
-    except (ValueError, KeyError, TypeError):
+        cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+        reasoning = int((usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0)
+    except (ValueError, KeyError, TypeError, AttributeError):
         return  # not the answer it should be
     outcome.prompt_tokens, outcome.completion_tokens = prompt, completion
+    outcome.cached_tokens, outcome.reasoning_tokens = cached, reasoning
     outcome.complete = True
 
 

@@ -19,7 +19,8 @@ class RequestSpec:
     """One request to send, and what the gateway makes of it.
 
     kind (for the report), method, path, body, whether it streams; `route` is the
-    route label its metrics get and `status` the status the gateway answers it with.
+    route label its metrics get, `status` the status the gateway answers it with and
+    `model` the model it asks for (None when it never reaches a provider).
     """
 
     kind: str
@@ -29,6 +30,7 @@ class RequestSpec:
     stream: bool = False
     route: str = CHAT
     status: int = 200
+    model: str | None = None
 
 
 def parse_mix(text: str) -> dict[str, int]:
@@ -71,13 +73,14 @@ def build(kind: str, rng: random.Random) -> RequestSpec:
     words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 40)))
     messages = [{"role": "user", "content": words}]
     if kind == "plain":
-        return RequestSpec(kind, "POST", CHAT, _json({"model": model, "messages": messages}))
+        return RequestSpec(kind, "POST", CHAT, _json({"model": model, "messages": messages}), model=model)
     if kind == "stream":
-        return RequestSpec(kind, "POST", CHAT, _json({"model": model, "messages": messages, "stream": True}), True)
+        body = _json({"model": model, "messages": messages, "stream": True})
+        return RequestSpec(kind, "POST", CHAT, body, True, model=model)
     if kind == "tool":
         expression = f"{rng.randint(1, 999)} * {rng.randint(1, 999)}"
         body = {"model": model, "messages": [{"role": "user", "content": expression}], "tools": CALCULATOR}
-        return RequestSpec(kind, "POST", CHAT, _json(body))
+        return RequestSpec(kind, "POST", CHAT, _json(body), model=model)
     if kind == "client_error":
         variant = rng.randrange(3)
         if variant == 0:

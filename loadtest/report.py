@@ -49,6 +49,11 @@ def _by_kind(outcomes) -> str:
     return ", ".join(f"{k} {n}" for k, n in sorted(Counter(o.kind for o in outcomes).items()))
 
 
+def _amount(value: float) -> str:
+    """A count as a whole number, an amount of money (or any fraction) with 6 decimals."""
+    return f"{value:>12,.0f}" if float(value).is_integer() or math.isinf(value) else f"{value:>12.6f}"
+
+
 def print_report(tally: Tally, elapsed: float, rows: list[Row], target: Target) -> None:
     """The human-readable report and verdict, on stdout."""
     done = tally.outcomes
@@ -71,10 +76,9 @@ def print_report(tally: Tally, elapsed: float, rows: list[Row], target: Target) 
     width = max(len(r.what) for r in rows)
     print(f"\n{'check':<{width}}  {'client':>12}  {'metrics':>12}  {'allowed':>8}  verdict")
     for r in rows:
-        allowed = "exact" if not r.tolerance else "any" if math.isinf(r.tolerance) else f"+{r.tolerance:g}"
-        print(
-            f"{r.what:<{width}}  {r.client:>12,.0f}  {r.metrics:>12,.0f}  {allowed:>8}  {'ok' if r.ok else 'MISMATCH'}"
-        )
+        allowed = "exact" if not r.tolerance else "any" if math.isinf(r.tolerance) else f"+{r.tolerance:.6g}"
+        verdict = "ok" if r.ok else "MISMATCH"
+        print(f"{r.what:<{width}}  {_amount(r.client)}  {_amount(r.metrics)}  {allowed:>8}  {verdict}")
     verdict = "all totals agree" if all(r.ok for r in rows) else "METRICS DISAGREE WITH WHAT WAS SERVED"
     print(f"\nverdict: {verdict}")
     if target.server_log:

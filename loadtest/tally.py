@@ -22,6 +22,9 @@ class Outcome:
     complete: bool = False  # the whole, well-formed response (a stream: usage chunk, then [DONE])
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens
+    reasoning_tokens: int = 0  # usage.completion_tokens_details.reasoning_tokens
+    model: str | None = None  # the model asked for
 
 
 @dataclass

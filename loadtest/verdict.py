@@ -24,10 +24,11 @@ half of it. Hence, for every request the client sent:
     expectation got in this run (a 429 from a rate limit, say), or 500 (a worker
     that Gunicorn aborts on timeout while the app runs counts it as 500 on its way
     out);
-  - tokens: up to the largest usage a completed request of the same kind reported
-    (prompt and completion apart), which is none for kinds that never reach the
-    provider (client errors, unknown paths). A kind with no completed request to
-    go by gives no upper bound;
+  - tokens (input, output, cached input, reasoning) and cost: up to the largest
+    amount a completed request of the same kind reported, which is none for kinds
+    that never reach the provider (client errors, unknown paths). A kind with no
+    completed request to go by gives no upper bound. Cost is the client's usage at
+    the configured prices (promfork.loadtest.prices), equal up to float rounding;
   - tool runs: one per tool request in doubt.
 
 Each row then allows exactly the requests in doubt that could have landed in it:
@@ -45,12 +46,24 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from promfork.loadtest.mix import CHAT, UNMATCHED
+from promfork.loadtest.prices import configured_prices, request_cost
 from promfork.loadtest.scrape import Samples, label_values, metric_sum, scrape
 from promfork.loadtest.tally import Outcome, Tally
 
 ABORT_STATUS = 500  # what a request counts as when Gunicorn aborts its worker mid-request
 ALWAYS_CHECKED = (("POST", CHAT, 200), ("GET", UNMATCHED, 404))
-TOKEN_TYPES = ("prompt", "completion")
+USAGE = "gen_ai_client_token_usage_sum"
+COST = "gen_ai_client_cost_usd_total"
+# (row, metric, its labels, the amount one request the client received carries)
+AMOUNTS = (
+    (f"{USAGE}{{gen_ai_token_type=input}}", USAGE, {"gen_ai_token_type": "input"}, lambda o: o.prompt_tokens),
+    (f"{USAGE}{{gen_ai_token_type=output}}", USAGE, {"gen_ai_token_type": "output"}, lambda o: o.completion_tokens),
+    ("gen_ai_client_cached_input_tokens_total", "gen_ai_client_cached_input_tokens_total", {},
+     lambda o: o.cached_tokens),
+    ("gen_ai_client_reasoning_tokens_total", "gen_ai_client_reasoning_tokens_total", {},
+     lambda o: o.reasoning_tokens),
+)  # fmt: skip
+ROUNDING = 1e-9  # relative: float sums of cost in another order differ in the last bits
 
 
 @dataclass
@@ -80,8 +93,14 @@ def possible_statuses(outcome: Outcome, answered: dict[tuple[str, int], set[int]
     return {outcome.expected, ABORT_STATUS} | answered.get((outcome.kind, outcome.expected), set())
 
 
-def compare(tally: Tally, before: Samples, after: Samples) -> list[Row]:
-    """Client truth vs the change in /metrics, row by row (see the module docstring for the rule)."""
+def compare(
+    tally: Tally, before: Samples, after: Samples, prices: dict[str, dict[str, float]] | None = None
+) -> list[Row]:
+    """Client truth vs the change in /metrics, row by row (see the module docstring for the rule).
+
+    `prices` (USD per 1M tokens per model) defaults to ``configured_prices()``.
+    """
+    prices = configured_prices() if prices is None else prices
     doubt = in_doubt(tally)
     sure = [o for o in tally.outcomes if o.complete]
     rows: list[Row] = []
@@ -89,8 +108,9 @@ def compare(tally: Tally, before: Samples, after: Samples) -> list[Row]:
     def delta(name: str, **labels: str) -> float:
         return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
 
-    def add(what: str, client: float, measured: float, could: int, tolerance: float) -> None:
-        rows.append(Row(what, client, measured, tolerance, client <= measured <= client + tolerance, could))
+    def add(what: str, client: float, measured: float, could: int, tolerance: float, slack: float = 0.0) -> None:
+        ok = client - slack <= measured <= client + tolerance + slack
+        rows.append(Row(what, client, measured, tolerance, ok, could))
 
     answered: dict[tuple[str, int], set[int]] = defaultdict(set)
     for o in tally.outcomes:
@@ -117,14 +137,17 @@ def compare(tally: Tally, before: Samples, after: Samples) -> list[Row]:
             add(f"http_requests_total{{{labels},status={status}}}", sure_rows[(method, route, status)], measured,
                 could, could)  # fmt: skip
 
-    largest: dict[str, tuple[int, int]] = {}
-    for o in sure:
-        prompt, completion = largest.get(o.kind, (0, 0))
-        largest[o.kind] = (max(prompt, o.prompt_tokens), max(completion, o.completion_tokens))
-    for i, kind in enumerate(TOKEN_TYPES):
-        bounds = [largest[o.kind][i] if o.kind in largest else math.inf for o in doubt]
-        add(f"llm_tokens_total{{type={kind}}}", sum(getattr(o, f"{kind}_tokens") for o in sure),
-            delta("llm_tokens_total", type=kind), sum(1 for b in bounds if b), sum(bounds))  # fmt: skip
+    def cost(o: Outcome) -> float:
+        return request_cost(prices, o.model, o.prompt_tokens, o.cached_tokens, o.completion_tokens)
+
+    for what, metric, labels, amount in (*AMOUNTS, (COST, COST, {}, cost)):
+        largest: dict[str, float] = {}
+        for o in sure:
+            largest[o.kind] = max(largest.get(o.kind, 0), amount(o))
+        bounds = [largest.get(o.kind, math.inf) for o in doubt]
+        client = sum(amount(o) for o in sure)
+        slack = ROUNDING * client if metric == COST else 0.0
+        add(what, client, delta(metric, **labels), sum(1 for b in bounds if b), sum(bounds), slack)
 
     tools_in_doubt = sum(1 for o in doubt if o.kind == "tool")
     add("llm_tool_executions_total{tool=calculator,status=ok}",

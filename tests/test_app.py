@@ -28,6 +28,16 @@ def metric(app, name: str, **labels) -> float:
     return app.extensions["promfork"].registry.get_sample_value(name, labels) or 0.0
 
 
+def genai(model: str) -> dict[str, str]:
+    """The GenAI labels of a successful call to the mock for `model`."""
+    return {
+        "gen_ai_operation_name": "chat",
+        "gen_ai_provider_name": "mock",
+        "gen_ai_request_model": model,
+        "gen_ai_response_model": f"{model}-2025-06-01",
+    }
+
+
 def post(client, body, **kwargs):
     data = body if isinstance(body, bytes | str) else json.dumps(body)
     return client.post("/v1/chat/completions", data=data, content_type="application/json", **kwargs)
@@ -70,10 +80,10 @@ def test_unknown_model_is_a_404_in_openai_shape_counted_as_other(app, client):
     response = post(client, {"model": "gpt-secret-9", "messages": USER})
     assert response.status_code == 404
     assert response.get_json()["error"]["code"] == "model_not_found"
-    assert metric(app, "llm_provider_requests_total", provider="mock", model="other", status="model_not_found") == 1
-    assert (
-        metric(app, "llm_provider_requests_total", provider="mock", model="gpt-secret-9", status="model_not_found") == 0
-    )
+    served = "gen_ai_server_request_duration_seconds_count"
+    labels = {"gen_ai_operation_name": "chat", "gen_ai_provider_name": "mock", "gen_ai_response_model": ""}
+    assert metric(app, served, **labels, gen_ai_request_model="other", error_type="model_not_found") == 1
+    assert metric(app, served, **labels, gen_ai_request_model="gpt-secret-9", error_type="model_not_found") == 0
 
 
 def test_every_openai_parameter_is_accepted(client):
@@ -112,10 +122,11 @@ def test_token_counter_equals_reported_usage(app, client):
     prompt = sum(r.get_json()["usage"]["prompt_tokens"] for r in sent)
     completion = sum(r.get_json()["usage"]["completion_tokens"] for r in sent)
     total_prompt = sum(
-        metric(app, "llm_tokens_total", provider="mock", model=m, type="prompt") for m in ("mock-small", "mock-large")
+        metric(app, "gen_ai_client_token_usage_sum", **genai(m), gen_ai_token_type="input")
+        for m in ("mock-small", "mock-large")
     )
     total_completion = sum(
-        metric(app, "llm_tokens_total", provider="mock", model=m, type="completion")
+        metric(app, "gen_ai_client_token_usage_sum", **genai(m), gen_ai_token_type="output")
         for m in ("mock-small", "mock-large")
     )
     assert (total_prompt, total_completion) == (prompt, completion)
@@ -153,8 +164,12 @@ def test_stream_gauge_returns_to_zero_when_client_disconnects(app, client):
     response.close()  # the client goes away mid-stream
     assert metric(app, "llm_streams_active", provider="mock") == 0
     assert metric(app, "http_requests_in_flight") == 0
-    assert metric(app, "llm_provider_requests_total", provider="mock", model="mock-large", status="cancelled") == 1
-    assert metric(app, "llm_tokens_total", provider="mock", model="mock-large", type="completion") == 0
+    call = {**genai("mock-large"), "gen_ai_response_model": "", "error_type": "cancelled"}
+    assert metric(app, "gen_ai_client_operation_duration_seconds_count", **call) == 1
+    assert metric(app, "gen_ai_server_request_duration_seconds_count", **call) == 1
+    aborted = {k: v for k, v in call.items() if k not in ("gen_ai_response_model", "error_type")}
+    assert metric(app, "gen_ai_server_streams_aborted_total", **aborted) == 1
+    assert metric(app, "gen_ai_client_token_usage_count", **genai("mock-large"), gen_ai_token_type="output") == 0
 
 
 @pytest.mark.parametrize("tools", [None, [{"type": "function", "function": {"name": "calculator"}}]])

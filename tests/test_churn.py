@@ -43,7 +43,7 @@ def test_every_worker_lifetime_is_counted_and_files_stay_bounded(gunicorn_factor
     result = wait_until(settled, timeout=20, interval=0.2)
     assert result is not None, "dead workers' files were not compacted (or totals never matched)"
     fams, _, live = result
-    assert value(fams, "llm_tokens_total", type="completion") == completion_tokens
+    assert value(fams, "gen_ai_client_token_usage_sum", gen_ai_token_type="output") == completion_tokens
     assert value(fams, "metrics_compactions_total") >= boots - 8
     archives = [p for p in server.multiproc_dir.glob(f"*_{dbfiles.ARCHIVE}.db")]
     assert 1 <= len(archives) <= 8

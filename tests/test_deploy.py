@@ -189,9 +189,10 @@ def test_kubernetes_manifests_keep_metrics_in_memory_and_probe_health():
 def test_compose_file_runs_the_app_and_prometheus_with_the_repo_rules():
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     assert {"app", "prometheus"} <= compose["services"].keys()
+    named = set(compose.get("volumes") or {})  # named volumes live in Docker, not in the repo
     for volume in compose["services"]["prometheus"]["volumes"]:
         source = volume.split(":")[0]
-        assert (DEPLOY / source).exists(), source
+        assert source in named or (DEPLOY / source).exists(), source
     assert (ROOT / "Dockerfile").exists()
 
 

@@ -138,10 +138,11 @@ def test_totals_equal_what_clients_received_under_worker_recycling(gunicorn_fact
     for status, count in tally.chat_status.items():
         assert value(final, "http_requests_total", route=CHAT, status=str(status)) == count
     assert value(final, "http_requests_total", route="unmatched", status="404") == tally.unmatched_status[404]
-    assert value(final, "llm_tokens_total", type="prompt") == tally.prompt_tokens
-    assert value(final, "llm_tokens_total", type="completion") == tally.completion_tokens
+    assert value(final, "gen_ai_client_token_usage_sum", gen_ai_token_type="input") == tally.prompt_tokens
+    assert value(final, "gen_ai_client_token_usage_sum", gen_ai_token_type="output") == tally.completion_tokens
     assert value(final, "llm_tool_executions_total", tool="calculator", status="ok") == tally.tool_calls
-    assert value(final, "llm_provider_requests_total", model="other", status="model_not_found") == sum(
+    not_found = {"gen_ai_request_model": "other", "error_type": "model_not_found"}
+    assert value(final, "gen_ai_server_request_duration_seconds_count", **not_found) == sum(
         1 for i in range(TOTAL_REQUESTS) if make_request(i)[0] == "unknown_model"
     )
     assert value(final, "llm_streams_active") == 0
@@ -155,8 +156,10 @@ HISTOGRAMS = (
     "http_request_duration_seconds",
     "http_request_size_bytes",
     "http_response_size_bytes",
-    "llm_provider_request_duration_seconds",
-    "llm_time_to_first_token_seconds",
+    "gen_ai_client_operation_duration_seconds",
+    "gen_ai_client_token_usage",
+    "gen_ai_server_time_to_first_token_seconds",
+    "gen_ai_server_time_per_output_token_seconds",
 )
 
 
@@ -222,6 +225,6 @@ def test_gthread_workers_are_exact_too(gunicorn_factory):
 
     fams = wait_until(settled)
     assert fams is not None, "gthread totals never matched the client's responses"
-    assert value(fams, "llm_tokens_total", type="prompt") == tally.prompt_tokens
-    assert value(fams, "llm_tokens_total", type="completion") == tally.completion_tokens
+    assert value(fams, "gen_ai_client_token_usage_sum", gen_ai_token_type="input") == tally.prompt_tokens
+    assert value(fams, "gen_ai_client_token_usage_sum", gen_ai_token_type="output") == tally.completion_tokens
     assert value(fams, "http_requests_in_flight") == 0 and value(fams, "llm_streams_active") == 0

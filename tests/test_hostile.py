@@ -98,5 +98,8 @@ def test_no_worker_crashed_and_metrics_stayed_sane(server):
     fams = wait_until(lambda: (f := scrape(server.port)) and value(f, "http_requests_in_flight") == 0 and f)
     assert fams
     assert "Traceback" not in server.log() and "Exception in worker" not in server.log()
-    models = {s.labels.get("model") for s in fams["llm_provider_requests"].samples}
+    usage = fams["gen_ai_client_token_usage"].samples + fams["gen_ai_server_request_duration_seconds"].samples
+    models = {s.labels.get("gen_ai_request_model") for s in usage}
     assert models <= {"mock-small", "mock-large", "other"}, models
+    responses = {s.labels.get("gen_ai_response_model") for s in usage}
+    assert responses <= {"mock-small-2025-06-01", "mock-large-2025-06-01", ""}, responses

@@ -52,6 +52,11 @@ def test_cli_reports_agreement_under_churn_and_kills(tmp_path: Path):
     assert "load generator:" in proc.stdout
     checks = {c["what"]: c for c in data["checks"]}
     assert checks["http_requests_total{route=unmatched,status=404}"]["client"] > 0
+    # GenAI totals from the usage the client received (cached and reasoning details, cost at the mock's prices)
+    genai = (INPUT_ROW, OUTPUT_ROW, "gen_ai_client_cached_input_tokens_total", "gen_ai_client_reasoning_tokens_total",
+             "gen_ai_client_cost_usd_total")  # fmt: skip
+    for row in genai:
+        assert checks[row]["ok"] and checks[row]["client"] > 0, checks[row]
     assert data["worker_class"] == "sync" and "worker class sync" in proc.stdout
     assert data["server_log"] is None  # removed: the run agreed
     # In doubt: exactly the requests the client did not receive whole, never a complete one.
@@ -151,8 +156,9 @@ def outcome(kind: str, status: int | None, complete: bool, tokens: tuple[int, in
 def exposition(requests: dict[tuple[str, str, int], float], prompt: float = 0, completion: float = 0) -> dict:
     samples = {("http_requests_total", (("method", m), ("route", r), ("status", str(s)))): v
                for (m, r, s), v in requests.items()}  # fmt: skip
-    samples[("llm_tokens_total", (("model", "mock-small"), ("provider", "mock"), ("type", "prompt")))] = prompt
-    samples[("llm_tokens_total", (("model", "mock-small"), ("provider", "mock"), ("type", "completion")))] = completion
+    labels = (("gen_ai_provider_name", "mock"), ("gen_ai_request_model", "mock-small"))
+    samples[(USAGE, (*labels, ("gen_ai_token_type", "input")))] = prompt
+    samples[(USAGE, (*labels, ("gen_ai_token_type", "output")))] = completion
     return samples
 
 
@@ -161,6 +167,9 @@ def verdict(tally: Tally, after: dict) -> dict[str, tuple[bool, float]]:
 
 
 OK_ROW = f"http_requests_total{{route={CHAT},status=200}}"
+USAGE = "gen_ai_client_token_usage_sum"
+INPUT_ROW = f"{USAGE}{{gen_ai_token_type=input}}"
+OUTPUT_ROW = f"{USAGE}{{gen_ai_token_type=output}}"
 BAD_ROW = f"http_requests_total{{route={CHAT},status=400}}"
 
 
@@ -179,7 +188,7 @@ def test_a_cut_request_widens_only_the_rows_it_could_have_landed_in():
     rows = verdict(tally, exposition({("POST", CHAT, 200): 3, ("POST", CHAT, 404): 2}, 30, 15))
     assert rows[BAD_ROW.replace("400", "404")] == (False, 0)
     # It reaches no provider (no client error did), so token totals stay exact.
-    assert rows["llm_tokens_total{type=prompt}"] == (True, 0)
+    assert rows[INPUT_ROW] == (True, 0)
 
 
 def test_a_complete_response_is_never_in_doubt_even_among_kills():
@@ -202,10 +211,10 @@ def test_tokens_of_requests_in_doubt_are_bounded_by_the_largest_completed_reques
     tally = Tally([outcome("plain", 200, True, (10, 5)), outcome("plain", 200, True, (40, 20)),
                    outcome("stream", 200, True, (7, 3)), outcome("plain", None, False)])  # fmt: skip
     within = verdict(tally, exposition({("POST", CHAT, 200): 4}, 57 + 40, 28 + 20))
-    assert within["llm_tokens_total{type=prompt}"] == (True, 40)
-    assert within["llm_tokens_total{type=completion}"] == (True, 20)
+    assert within[INPUT_ROW] == (True, 40)
+    assert within[OUTPUT_ROW] == (True, 20)
     beyond = verdict(tally, exposition({("POST", CHAT, 200): 4}, 57 + 41, 28))
-    assert beyond["llm_tokens_total{type=prompt}"] == (False, 40)
+    assert beyond[INPUT_ROW] == (False, 40)
 
 
 def test_mix_is_deterministic_and_weighted():

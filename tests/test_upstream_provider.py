@@ -10,6 +10,7 @@ import pytest
 from conftest import chat, scrape, value, wait_until
 
 pytestmark = pytest.mark.integration
+SERVED = "up-1-2025-01-31"  # the dated model the upstream says answered
 
 
 class FakeUpstream(BaseHTTPRequestHandler):
@@ -26,18 +27,25 @@ class FakeUpstream(BaseHTTPRequestHandler):
         if body["model"] == "broken":
             self._send(500, {"error": {"message": "upstream exploded"}})
             return
-        usage = {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
+        usage = {
+            "prompt_tokens": 11,
+            "completion_tokens": 5,
+            "total_tokens": 16,
+            "prompt_tokens_details": {"cached_tokens": 3},
+            "completion_tokens_details": {"reasoning_tokens": 2},
+        }
         if not body.get("stream"):
             message = {"role": "assistant", "content": "hello from upstream"}
-            self._send(200, {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}], "usage": usage})
+            choices = [{"index": 0, "message": message, "finish_reason": "stop"}]
+            self._send(200, {"model": SERVED, "choices": choices, "usage": usage})
             return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
         for word in ("hello", " from", " upstream"):
-            self._event({"choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]})
-        self._event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-        self._event({"choices": [], "usage": usage})
+            self._event({"model": SERVED, "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]})
+        self._event({"model": SERVED, "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
+        self._event({"model": SERVED, "choices": [], "usage": usage})
         self.wfile.write(b"data: [DONE]\n\n")
 
     def _event(self, payload):
@@ -74,7 +82,9 @@ def test_openai_upstream_plain_stream_and_failure_are_measured(gunicorn_factory,
     messages = [{"role": "user", "content": "hi"}]
     status, body, _ = chat(server.port, {"model": "up-1", "messages": messages, "temperature": 0.5})
     assert status == 200 and body["choices"][0]["message"]["content"] == "hello from upstream"
-    assert body["usage"]["prompt_tokens"] == 11
+    assert body["usage"]["prompt_tokens"] == 11 and body["model"] == SERVED
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == 3
+    assert body["usage"]["completion_tokens_details"]["reasoning_tokens"] == 2
     status, _, events = chat(server.port, {"model": "up-1", "messages": messages, "stream": True})
     assert status == 200 and events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 5
     assert (
@@ -92,14 +102,28 @@ def test_openai_upstream_plain_stream_and_failure_are_measured(gunicorn_factory,
 
     def settled():
         fams = scrape(server.port)
-        return fams if value(fams, "llm_provider_requests_total", provider="openai") == 4 else None
+        return fams if value(fams, "gen_ai_server_request_duration_seconds_count", **openai) == 4 else None
 
+    openai = {"gen_ai_provider_name": "openai"}
+    calls = "gen_ai_client_operation_duration_seconds_count"
     fams = wait_until(settled)
     assert fams is not None
-    assert value(fams, "llm_provider_requests_total", provider="openai", model="up-1", status="ok") == 2
-    assert value(fams, "llm_provider_requests_total", provider="openai", model="broken", status="error") == 1
-    assert value(fams, "llm_provider_requests_total", provider="openai", model="other", status="model_not_found") == 1
-    assert value(fams, "llm_tokens_total", provider="openai", type="prompt") == 22
-    assert value(fams, "llm_tokens_total", provider="openai", type="completion") == 10
-    assert value(fams, "llm_time_to_first_token_seconds_count", provider="openai") == 1
+    assert value(fams, calls, **openai, gen_ai_request_model="up-1", error_type="") == 2
+    assert value(fams, calls, **openai, gen_ai_request_model="broken", error_type="502") == 1
+    not_found = {"gen_ai_request_model": "other", "error_type": "model_not_found"}
+    assert value(fams, "gen_ai_server_request_duration_seconds_count", **openai, **not_found) == 1
+    usage = "gen_ai_client_token_usage_sum"
+    assert value(fams, usage, **openai, gen_ai_token_type="input") == 22
+    assert value(fams, usage, **openai, gen_ai_token_type="output") == 10
+    assert value(fams, "gen_ai_server_time_to_first_token_seconds_count", **openai) == 1
+    # What the upstream reported passes through: response model, cached and reasoning tokens, finish reasons.
+    served = {**openai, "gen_ai_request_model": "up-1", "gen_ai_response_model": SERVED}
+    assert value(fams, "gen_ai_client_cached_input_tokens_total", **served) == 6
+    assert value(fams, "gen_ai_client_reasoning_tokens_total", **served) == 4
+    assert value(fams, "gen_ai_client_finish_reasons_total", **served, finish_reason="stop") == 1
+    assert value(fams, "gen_ai_client_finish_reasons_total", **served, finish_reason="length") == 1
+    # up-1 has no price: its tokens are counted as unpriced, no cost is made up.
+    assert value(fams, "gen_ai_client_unpriced_tokens_total", **served, gen_ai_token_type="input") == 22
+    assert value(fams, "gen_ai_client_unpriced_tokens_total", **served, gen_ai_token_type="output") == 10
+    assert value(fams, "gen_ai_client_cost_usd_total", **openai) == 0
     assert value(fams, "llm_streams_active") == 0

@@ -140,9 +140,10 @@ def test_gateway_under_gevent_is_exact_under_churn_and_kill_9(gunicorn_factory):
 
     after = scrape_when_compacted(server)
     assert not list(server.multiproc_dir.glob(f"*_{victim}.db"))
+    usage = "gen_ai_client_token_usage_sum"
     tokens = {
-        kind: value(after, "llm_tokens_total", type=kind) - value(before, "llm_tokens_total", type=kind)
-        for kind in ("prompt", "completion")
+        kind: value(after, usage, gen_ai_token_type=otel) - value(before, usage, gen_ai_token_type=otel)
+        for kind, otel in (("prompt", "input"), ("completion", "output"))
     }
     assert mismatches(tally, before, after, tokens) == []
     routes = {route for _, route, _ in http_rows(after)}

@@ -6,8 +6,9 @@ import hashlib
 import hmac
 import logging
 import os
+import time
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from promfork.config import Settings
@@ -16,8 +17,9 @@ from webapp.gateway import Gateway
 from webapp.providers import make_provider
 from webapp.ratelimit import SharedRateLimiter
 from webapp.schema import ApiError, parse_chat_request
-from webapp.settings import GatewaySettings, load_gateway_settings
+from webapp.settings import DEFAULT_TENANT, GatewaySettings, load_gateway_settings
 from webapp.telemetry import LLMTelemetry
+from webapp.tools import SERVER_TOOLS
 
 log = logging.getLogger("webapp")
 
@@ -32,18 +34,20 @@ def _gateway() -> Gateway:
 @api.post("/v1/chat/completions")
 def chat_completions():
     """OpenAI-compatible chat completions, JSON or Server-Sent Events."""
+    started = time.perf_counter()
     chat = parse_chat_request(request.get_data(cache=False))
     gateway = _gateway()
-    gateway.check_model(chat)
+    gateway.check_model(chat, started)
+    tenant = g.get("tenant", DEFAULT_TENANT)
     if chat.stream:
         # promfork counts the stream when the gateway says its final chunk is next
         # (the key is absent without promfork or with metrics disabled).
         return Response(
-            gateway.stream(chat, request.environ.get("promfork.response_complete")),
+            gateway.stream(chat, started, request.environ.get("promfork.response_complete"), tenant),
             mimetype="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    return jsonify(gateway.complete(chat))
+    return jsonify(gateway.complete(chat, started, tenant))
 
 
 @api.get("/v1/models")
@@ -87,8 +91,13 @@ def _guard_api() -> None:
     if settings.api_keys:
         header = request.headers.get("Authorization", "")
         given = header[7:] if header.startswith("Bearer ") else ""
-        if not any(hmac.compare_digest(given.encode(), key.encode()) for key in settings.api_keys):
+        tenant = None
+        for key, name in settings.api_keys.items():  # every key compared: no early exit to time
+            if hmac.compare_digest(given.encode(), key.encode()):
+                tenant = name
+        if tenant is None:
             raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)", "invalid_api_key")
+        g.tenant = tenant
         client = "key:" + hashlib.sha256(given.encode()).hexdigest()[:16]
     limiter = current_app.extensions.get("rate_limiter")
     if limiter is not None:
@@ -136,8 +145,14 @@ def create_app(gateway_settings: GatewaySettings | None = None, metrics_settings
     app.json.sort_keys = False
     http_metrics.init_app(app, metrics_settings)
     telemetry = LLMTelemetry()
-    telemetry.init_app(app)
-    app.extensions["gateway"] = Gateway(make_provider(gateway_settings), telemetry)
+    telemetry.init_app(app, gateway_settings.prices, gateway_settings.tenant_label)
+    provider = make_provider(gateway_settings)
+    tenants = tuple(dict.fromkeys([DEFAULT_TENANT, *gateway_settings.api_keys.values()]))
+    response_models = getattr(provider, "response_models", {})
+    telemetry.initialise(
+        provider.name, {m: response_models.get(m, m) for m in sorted(provider.models)}, tuple(SERVER_TOOLS), tenants
+    )
+    app.extensions["gateway"] = Gateway(provider, telemetry)
     app.extensions["gateway_settings"] = gateway_settings
     if gateway_settings.rate_limit_rpm:
         state = gateway_settings.rate_limit_state or os.path.join(

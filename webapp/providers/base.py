@@ -24,23 +24,35 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class Completion:
-    """A finished answer with the provider's reported token usage."""
+    """A finished answer with the provider's reported token usage.
+
+    `cached_tokens` (part of the prompt tokens) and `reasoning_tokens` (part of the
+    completion tokens) are what the provider reports, 0 when it reports nothing;
+    `response_model` is the model the provider says answered ("" if it did not say).
+    """
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str = "stop"
     tool_calls: tuple[ToolCall, ...] = field(default_factory=tuple)
+    response_model: str = ""
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
 
 
 @dataclass(frozen=True)
 class StreamDelta:
-    """One piece of a streamed answer; the last one carries usage and a finish reason."""
+    """One piece of a streamed answer; the last one carries usage, a finish reason and the response model."""
 
     text: str = ""
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    response_model: str = ""
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class Provider(Protocol):

@@ -60,6 +60,8 @@ class OpenAIProvider:
                     int(usage["completion_tokens"]),
                     choice.get("finish_reason") or "stop",
                     calls,
+                    str(payload.get("model") or ""),
+                    *usage_details(usage),
                 )
             except (ValueError, KeyError, IndexError, TypeError) as exc:
                 raise ProviderError(502, f"upstream sent a malformed completion: {exc!r}", "upstream_error") from None
@@ -69,6 +71,7 @@ class OpenAIProvider:
         body = {**request.raw, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
         finish = None
         usage = None
+        response_model = ""
         with self._post(body) as resp:
             for raw_line in resp:
                 line = raw_line.strip()
@@ -81,6 +84,7 @@ class OpenAIProvider:
                     chunk = json.loads(data)
                 except ValueError:
                     raise ProviderError(502, "upstream sent a malformed stream chunk", "upstream_error") from None
+                response_model = str(chunk.get("model") or response_model)
                 for choice in chunk.get("choices") or ():
                     text = (choice.get("delta") or {}).get("content")
                     if text:
@@ -89,11 +93,26 @@ class OpenAIProvider:
                 usage = chunk.get("usage") or usage
         if not usage:
             raise ProviderError(502, "upstream stream ended without usage", "upstream_error")
+        try:
+            cached, reasoning = usage_details(usage)
+            prompt, completion = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ProviderError(502, f"upstream sent malformed usage: {exc!r}", "upstream_error") from None
         yield StreamDelta(
             finish_reason=finish or "stop",
-            prompt_tokens=int(usage["prompt_tokens"]),
-            completion_tokens=int(usage["completion_tokens"]),
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            response_model=response_model,
+            cached_tokens=cached,
+            reasoning_tokens=reasoning,
         )
+
+
+def usage_details(usage: dict) -> tuple[int, int]:
+    """(cached prompt tokens, reasoning tokens) from OpenAI's usage details; 0 for what is not reported."""
+    prompt_details = usage.get("prompt_tokens_details") or {}
+    completion_details = usage.get("completion_tokens_details") or {}
+    return int(prompt_details.get("cached_tokens") or 0), int(completion_details.get("reasoning_tokens") or 0)
 
 
 def _upstream_message(exc: urllib.error.HTTPError) -> str:
