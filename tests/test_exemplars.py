@@ -373,11 +373,19 @@ def test_every_worker_keeps_the_traces_clients_sent_and_the_most_recent_wins_acr
         assert exemplar.labels["trace_id"] in sampled, "an exemplar no client sent"
         assert exemplar.labels["trace_id"] not in unsampled
         assert sampled[exemplar.labels["trace_id"]].span_id == exemplar.labels["span_id"]
-    assert set(found) == {CHAT_BUCKET}, "only the traced route's bucket has an exemplar (not /healthz)"
+    http_keys = {key for key in found if key[0] == "http_request_duration_seconds_bucket"}
+    assert http_keys == {CHAT_BUCKET}, "only the traced route's bucket has an exemplar (not /healthz)"
     newest = found[CHAT_BUCKET]
     assert newest.labels == {"trace_id": last.trace_id, "span_id": last.span_id}
     assert 0 < newest.value <= elapsed
     assert sent_at <= newest.timestamp <= received_at
+    # The gateway's GenAI durations: the provider call's and the request's, each of the last trace.
+    for name in ("gen_ai_client_operation_duration_seconds_bucket", "gen_ai_server_request_duration_seconds_bucket"):
+        keys = [key for key in found if key[0] == name]
+        assert keys, f"no exemplar on {name}"
+        newest_here = max((found[key] for key in keys), key=lambda e: e.timestamp)
+        assert newest_here.labels == {"trace_id": last.trace_id, "span_id": last.span_id}
+        assert 0 < newest_here.value <= elapsed
 
     # The key is the bucket line stock prometheus-client parses from the exposition.
     buckets = {
@@ -470,5 +478,8 @@ def test_prometheus_stores_exactly_the_trace_ids_clients_sent(gunicorn_factory, 
         assert not returned & unsampled
         series = prometheus.exemplars("http_request_duration_seconds_bucket", since)
         assert {e["series"]["route"] for e in series} == {CHAT}
+        provider_calls = prometheus.exemplars("gen_ai_client_operation_duration_seconds_bucket", since)
+        assert provider_calls, "no exemplar on the provider call durations"
+        assert {e["labels"]["trace_id"] for e in provider_calls} <= sampled
     finally:
         prometheus.stop()

@@ -18,6 +18,9 @@ one the provider serves or ``other``, a response model is a served model or a
 dated version of one (``mock-small-2025-06-01``) or ``other``, a finish reason is
 one of FINISH_REASONS or ``other``, a tenant is one of the configured names (at
 most METRICS_MAX_TENANTS) or ``other``. Series known in advance start at 0.
+
+A request with a sampled trace (promfork.trace) leaves it as the exemplar of the
+duration buckets it was counted in: the provider call's, and the request's.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from typing import NamedTuple
 from flask import Flask
 from prometheus_client import Counter, Gauge, Histogram
 
+from promfork.exemplars import record_trace
+from promfork.trace import current_trace
 from promfork.values import Samples
 from webapp.pricing import PER_TOKENS, Price, price_for
 from webapp.providers.base import Completion, StreamDelta
@@ -328,6 +333,11 @@ class LLMTelemetry:
             amounts += (request_seconds,) if ttft is None else (request_seconds, ttft) if tpot is None else (
                 request_seconds, ttft, tpot)  # fmt: skip
         call.samples.update(*amounts)
+        trace = current_trace()
+        if trace is not None:  # a traced request: its exemplars on the buckets just counted
+            record_trace(call.duration, (), seconds, trace)
+            if request_seconds is not None:
+                record_trace(call.request_duration, (), request_seconds, trace)
 
     def _bind_call(
         self,
@@ -375,7 +385,11 @@ class LLMTelemetry:
     def call_failed(self, provider: str, model: str, error: str, seconds: float) -> None:
         """A provider call failed (`error` from ``error_type``) or was given up (``cancelled``)."""
         if self.enabled:
-            self._child(self.operation_duration, OPERATION, provider, model, "", error).observe(seconds)
+            duration = self._child(self.operation_duration, OPERATION, provider, model, "", error)
+            duration.observe(seconds)
+            trace = current_trace()
+            if trace is not None:
+                record_trace(duration, (), seconds, trace)
 
     def request_served(
         self,
@@ -407,6 +421,9 @@ class LLMTelemetry:
                 children.append(self.tpot.labels(*base))
             bound = self._served[key] = _Bound(Samples(*children), duration)
         bound.samples.update(seconds, *(v for v in (ttft, tpot) if v is not None))
+        trace = current_trace()
+        if trace is not None:
+            record_trace(bound.duration, (), seconds, trace)
 
     def stream_aborted(self, provider: str, model: str) -> None:
         """The client went away before its stream ended."""
