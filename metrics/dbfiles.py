@@ -179,8 +179,10 @@ def read_snapshot(path: str) -> Snapshot:
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        stat = os.fstat(fd)
         header = os.pread(fd, 8, 0)
+        # The size after the header: a writer grows the file before the header
+        # grows into the new space, so a size taken first could be too small.
+        stat = os.fstat(fd)
         used = _HEADER.unpack_from(header)[0] if len(header) == 8 else -1
         if used == 0:
             return Snapshot(stat.st_ino, stat.st_dev, b"")

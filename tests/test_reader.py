@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import weakref
 from functools import partial
 from pathlib import Path
@@ -456,3 +457,34 @@ def test_a_kept_reader_follows_compaction_as_stock_reads_the_compacted_files(mpd
     assert parsed_text_samples(after) == stock_samples(mpdir)
     jobs = {s for s in before if s[0] == "jobs_total"}
     assert jobs == {s for s in parsed_text_samples(after) if s[0] == "jobs_total"}  # totals neither drop nor double
+
+
+def test_a_file_growing_under_a_live_writer_never_reads_as_damaged(tmp_path):
+    # A writer grows its file (64 KiB -> 128 KiB -> ...) and then lets the "used"
+    # header grow into the new space. A reader that took the file's size before
+    # reading the header saw used > size and called a healthy file damaged,
+    # and the scrape set a live worker's file aside.
+    path = tmp_path / "histogram_1.db"
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys\n"
+            "from promfork.dbfiles import ValueFile\n"
+            "f = ValueFile(sys.argv[1])\n"
+            "for i in range(40000):\n"
+            '    f.set(f.slot(\'["h", "h_bucket", {"le": "%d"}, "help"]\' % i), 1.0, 0.0)\n',
+            str(path),
+        ]
+    )
+    reads = 0
+    try:
+        while writer.poll() is None:
+            if path.exists() and path.stat().st_size > 0:  # past creation (the collector allows for that instant)
+                dbfiles.read_snapshot(str(path))  # raises CorruptFile on a false alarm
+                reads += 1
+    finally:
+        writer.kill()
+        writer.wait()
+    assert writer.returncode == 0 and reads > 100
+    assert len(dbfiles.index_entries(dbfiles.read_snapshot(str(path)).data)[0]) == 40000
