@@ -218,6 +218,17 @@ def parse_sse(raw: bytes) -> list:
     return events
 
 
+def terminate(proc: subprocess.Popen, timeout: float = 30.0) -> int:
+    """SIGTERM `proc` and wait for it; SIGKILL it if it outlives `timeout`. Returns its exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.1):
     """Poll `predicate` until it returns a truthy value; return its last value."""
     deadline = time.monotonic() + timeout

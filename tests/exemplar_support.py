@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import yaml
-from conftest import free_port, request, wait_until
+from conftest import free_port, request, terminate, wait_until
 
 CHAT = "/v1/chat/completions"
 
@@ -97,10 +97,5 @@ class ExemplarPrometheus:
         return found
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc)
         self._log.close()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, free_port, request, wait_until
+from conftest import ROOT, free_port, request, terminate, wait_until
 
 DEPLOY = ROOT / "deploy"
 PROM = DEPLOY / "prometheus"
@@ -79,13 +79,7 @@ class Server:
             return json.load(resp)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self._log.close()
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, chat, free_port, request, wait_until
+from conftest import ROOT, chat, free_port, request, terminate, wait_until
 
 from webapp.catalogue import gateway_catalogue
 
@@ -109,8 +109,7 @@ class Prometheus:
         return body["data"]["result"]
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+        terminate(self.proc)
         self.log.close()
 
 
