@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import threading
 from collections.abc import Collection, Iterable, Iterator, Mapping
 
@@ -30,6 +31,18 @@ from promfork.process import WorkerProcessCollector
 from promfork.reader import Encoder, IncrementalReader
 
 log = logging.getLogger("promfork.collector")
+
+MAX_CACHED_FORMATS = 8  # exposition formats whose lines are cached; others are formatted each scrape
+_OPENMETRICS_1 = re.compile(r"version=1\.0\.[0-9]+")
+_restart_lock = threading.Lock()  # guards replacing a reader after a fork; held for a constructor's time
+
+
+def _new_restart_lock() -> None:
+    global _restart_lock
+    _restart_lock = threading.Lock()  # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_new_restart_lock)
 
 
 class LibraryMetrics:
@@ -115,20 +128,31 @@ class AggregatingCollector(Collector):
         self._start_reader()
 
     def _start_reader(self) -> None:
-        self._pid = os.getpid()
         self._mutex = threading.Lock()
         self.reader = IncrementalReader(self.directory, self.const_labels)
+        self._formats: set[str] = set()
+        self._pid = os.getpid()  # last: another thread that sees this pid sees the rest
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[IncrementalReader]:
         if self._pid != os.getpid():  # forked: the parent's lock may have been held at the fork
-            self._start_reader()
-        if not self._mutex.acquire(timeout=self.lock_timeout):
+            with _restart_lock:
+                if self._pid != os.getpid():
+                    self._start_reader()
+        mutex = self._mutex  # the one acquired is the one released
+        if not mutex.acquire(timeout=self.lock_timeout):
             raise LockTimeout(f"another scrape of {self.directory} held the reader for {self.lock_timeout}s")
         try:
             yield self.reader
+        except LockTimeout:
+            raise  # nothing was read
+        except BaseException:
+            # A scrape that failed part way (an I/O error, a damaged key) may leave the
+            # cache half updated: the next one starts from the files again.
+            self.reader = IncrementalReader(self.directory, self.const_labels)
+            raise
         finally:
-            self._mutex.release()
+            mutex.release()
 
     def collect(self) -> Iterable[Metric]:
         """Merge all files; raises multiproc.LockTimeout if a compaction holds the lock too long."""
@@ -143,7 +167,14 @@ class AggregatingCollector(Collector):
         ``name[]`` filter; with `exemplars` (OpenMetrics), bucket lines carry
         the exemplars of promfork.exemplars. Raises LockTimeout as ``collect``.
         """
+        # The content type comes from the client's Accept header: only a few are cached.
+        fmt = _OPENMETRICS_1.sub("version=1.0.0", fmt)  # every 1.0.x formats alike
         with self._reading() as reader:
+            if fmt not in self._formats:
+                if len(self._formats) >= MAX_CACHED_FORMATS:
+                    fmt = None
+                else:
+                    self._formats.add(fmt)
             extra, found = self._refresh(reader, exemplars)
             return reader.render(encoder, fmt, names, extra, found)
 
@@ -193,7 +224,19 @@ class AggregatingCollector(Collector):
                 log.error("promfork: damaged metric files skipped this scrape: %s", ", ".join(names))
                 return
             for name in names:
-                compaction.quarantine(self.directory, name, "unreadable during scrape")
+                # A process that has the file open for writing holds a shared lock on it:
+                # never move a file someone still writes (it would write on, unseen).
+                try:
+                    claim = dbfiles.claim(os.path.join(self.directory, name))
+                except OSError:  # not even openable for writing: left where it is
+                    claim = None
+                if claim is None:
+                    log.error("promfork: metric file %s unreadable this scrape; left in place (in use)", name)
+                    continue
+                try:
+                    compaction.quarantine(self.directory, name, "unreadable during scrape")
+                finally:
+                    dbfiles.release(claim)
 
 
 class ExpositionRegistry(CollectorRegistry):

@@ -154,8 +154,9 @@ class IncrementalReader:
         damaged: list[str] = []
         for name in names:
             old = self._files.get(name)
+            path = os.path.join(self.directory, name)
             try:
-                snapshot = dbfiles.read_snapshot(os.path.join(self.directory, name))
+                snapshot = dbfiles.read_snapshot(path)
                 if old is not None and self._follow(old, snapshot, changed, reshaped):
                     kept[name] = old
                     continue
@@ -164,7 +165,15 @@ class IncrementalReader:
             except FileNotFoundError:
                 pass
             except dbfiles.CorruptFile:
-                damaged.append(name)
+                # Once more, from scratch: a writer's file is headerless for an instant after
+                # its creation (and a reader without memory barriers may see a write late).
+                try:
+                    kept[name] = file = self._parse(dbfiles.parse_name(name), dbfiles.read_snapshot(path))
+                    reshaped.update(file.families)
+                except FileNotFoundError:
+                    pass
+                except dbfiles.CorruptFile:
+                    damaged.append(name)
             if old is not None:
                 reshaped.update(old.families)
         for name, old in self._files.items():
@@ -393,7 +402,8 @@ class IncrementalReader:
     ) -> str:
         """The merged metrics as `encoder` formats them (no ``# EOF``), from cached lines where they are current.
 
-        `fmt` names the format (its content type): lines are cached per format.
+        `fmt` names the format (its content type): lines are cached per format;
+        None formats without caching (a format the caller will not bound).
         `names` keeps only samples of those names, as prometheus-client's
         ``name[]`` filter does; `extra` adds to every sample of the families it
         names (rendered, not cached); `exemplars` (OpenMetrics only) are
@@ -403,7 +413,7 @@ class IncrementalReader:
         parts: list[str] = []
         patches = self._exemplar_samples(exemplars) if exemplars else {}
         for family in self._families.values():
-            if names is not None or (extra and family.name in extra):
+            if fmt is None or names is not None or (extra and family.name in extra):
                 parts += self._render_uncached(encoder, family, names, (extra or {}).get(family.name, 0.0), patches)
                 continue
             header = family.headers.get(fmt)

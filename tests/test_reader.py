@@ -13,6 +13,7 @@ the same float and stock's plain ``+`` is the truth; inf and nan included.
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import gzip
 import json
@@ -488,3 +489,50 @@ def test_a_file_growing_under_a_live_writer_never_reads_as_damaged(tmp_path):
         writer.wait()
     assert writer.returncode == 0 and reads > 100
     assert len(dbfiles.index_entries(dbfiles.read_snapshot(str(path)).data)[0]) == 40000
+
+
+def test_a_damaged_file_a_live_process_holds_open_is_never_moved_away(mpdir: Path):
+    # Moved, the file would keep its writer (who holds it open) writing where no reader looks.
+    fill(mpdir, ["101", "102"], lambda owner, prefix, i: 3.0)
+    collector = AggregatingCollector(str(mpdir), library())
+    path = mpdir / "counter_102.db"
+    with open(path, "r+b") as f:
+        f.write(b"\xff\xff\xff\x7f")
+    holder = os.open(path, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_SH)  # what every promfork writer holds on its files
+    try:
+        collector.render(text_encoder, TEXT)
+        assert path.exists(), "a file still open for writing was set aside"
+    finally:
+        os.close(holder)
+    collector.render(text_encoder, TEXT)
+    assert not path.exists() and (mpdir / "quarantine" / "counter_102.db").exists()
+
+
+def test_a_scrape_that_fails_part_way_leaves_no_stale_cache(mpdir: Path):
+    fill(mpdir, ["101"], lambda owner, prefix, i: 3.0)
+    collector = AggregatingCollector(str(mpdir), library())
+    collector.render(text_encoder, TEXT)
+    set_value(mpdir, "counter_101.db", counter_key("a"), 6.0)
+    set_value(mpdir, "counter_101.db", key("jobs", "jobs_total", {"kind": "new"}, "Jobs done."), 1.0)
+    (mpdir / "counter_999.db").mkdir()  # read after counter_101.db, and not as a file: the scrape fails
+    with pytest.raises(OSError):
+        collector.render(text_encoder, TEXT)
+    (mpdir / "counter_999.db").rmdir()
+    assert parsed_text_samples(collector.render(text_encoder, TEXT)) == stock_samples(mpdir)
+
+
+def test_any_number_of_accept_headers_caches_a_bounded_number_of_formats(mpdir: Path):
+    fill(mpdir, ["101"], lambda owner, prefix, i: 2.0)
+    registry = ExpositionRegistry(AggregatingCollector(str(mpdir), library()))
+    for n in range(40):
+        body, _ = registry.exposition(f"application/openmetrics-text; version=1.0.{n}")
+        assert parsed_samples(body.decode().removesuffix("# EOF\n"), openmetrics=True) == {
+            s for s in parsed_samples(render(IncrementalReader(str(mpdir)), mpdir, OPENMETRICS), openmetrics=True)
+        }
+    for escaping in ("underscores", "dots", "values", "allow-utf-8"):
+        for kind in ("text/plain; version=1.0.0", "application/openmetrics-text; version=1.0.0"):
+            registry.exposition(f"{kind}; escaping={escaping}")
+    assert len(registry.aggregating._formats) <= 8
+    body, _ = registry.exposition("text/plain")
+    assert parsed_text_samples(body.decode()) == stock_samples(mpdir)
