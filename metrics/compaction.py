@@ -265,8 +265,12 @@ def compact_dead_workers(directory: str, pids: Iterable[int]) -> CompactionResul
         _step("done")
     result.pids = sorted(int(p) for p in folded)
     result.files_removed += len(delete)
-    # After the values: an archive that cannot be written raises, and the pids stay pending.
-    result.files_removed += exemplars.fold_dead_workers(directory, (int(p) for p in wanted))
+    # After the values, which are committed by now: an exemplar archive that cannot be
+    # written (a full disk) costs exemplars only; the dead workers' files stay to be read.
+    try:
+        result.files_removed += exemplars.fold_dead_workers(directory, (int(p) for p in wanted))
+    except OSError as exc:
+        log.error("promfork: dead workers' exemplars not folded (kept in place): %s", exc)
     return result
 
 

@@ -196,6 +196,8 @@ class _ExemplarFile:
     def add(self, key: ExemplarKey) -> int:
         """Append an unwritten entry for `key`; return its record's offset. OSError when the file cannot grow."""
         encoded = _encode_key(key)
+        if len(encoded) > _MAX_KEY:  # readers refuse longer keys: one dropped exemplar, not a lost file
+            raise ValueError(f"exemplar key of {len(encoded)} bytes (at most {_MAX_KEY})")
         entry = self._used
         record = _record_offset(entry, len(encoded))
         end = record + RECORD_SIZE
@@ -216,13 +218,13 @@ class _ExemplarFile:
 
     def write(self, record: int, trace: TraceContext, value: float, timestamp: float) -> None:
         """Rewrite one record under its sequence lock (see the module docstring)."""
+        # Packed before the record turns odd: a bad trace raises with the old record intact.
+        payload = _PAYLOAD.pack(bytes.fromhex(trace.trace_id), bytes.fromhex(trace.span_id), value, timestamp)
         words = self._words
         index = record >> 3
         odd = (words[index] + 1) | 1  # odd even if a killed writer left it odd
         words[index] = odd
-        self._mmap[record + 8 : record + RECORD_SIZE] = _PAYLOAD.pack(
-            bytes.fromhex(trace.trace_id), bytes.fromhex(trace.span_id), value, timestamp
-        )
+        self._mmap[record + 8 : record + RECORD_SIZE] = payload
         words[index] = odd + 1
 
     def close(self) -> None:

@@ -177,6 +177,38 @@ def test_an_exemplar_that_cannot_be_stored_is_counted_and_never_fails_the_caller
     assert registry.get_sample_value("blocked_seconds_count") == 3
 
 
+def test_an_exemplar_that_cannot_be_written_costs_only_itself(mpdir):
+    # A key too long for readers, and a trace that cannot be packed: each is one
+    # dropped exemplar, while the file and the bucket's earlier exemplar stay readable.
+    code = """
+        import os
+        from promfork import values
+        values.install()
+        from prometheus_client import Histogram
+        from promfork.collector import library_metrics
+        from promfork.config import load_settings
+        from promfork.exemplars import record_trace
+        from promfork.trace import TraceContext
+        library_metrics(load_settings())
+        h = Histogram("kept_seconds", "d", ["path"], buckets=(1.0,))
+        h.labels("/a").observe(0.5)
+        record_trace(h, ("/a",), 0.5, TraceContext("ab" * 16, "cd" * 8))
+        h.labels("x" * 70000).observe(0.5)
+        record_trace(h, ("x" * 70000,), 0.5, TraceContext("ef" * 16, "cd" * 8))
+        record_trace(h, ("/a",), 0.5, TraceContext("not hex" * 4, "cd" * 8))
+        print(os.getpid())
+    """
+    pid = int(_run(code, mpdir).stdout.split()[-1])
+    held = exemplars.read_file(str(mpdir / exemplars.file_name(pid)))
+    assert [trace_id for trace_id, _, _, _ in held.values()] == ["ab" * 16]
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(mpdir))
+    assert registry.get_sample_value("metrics_write_errors_total") == 2
+
+
 def test_exemplar_keys_name_the_bucket_lines_stock_prometheus_client_reads(mpdir):
     # An app's own histogram, recorded both ways the gateway can call it, on buckets
     # whose "le" spelling is not obvious (1e3 -> "1000.0", 2.5e-05).
