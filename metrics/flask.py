@@ -54,7 +54,7 @@ from promfork.http import KNOWN_METHODS, RESPONSE_COMPLETE_KEY, UNMATCHED, HttpR
 from promfork.multiproc import ensure_multiprocess_mode
 from promfork.trace import REQUEST_TRACE, bind, request_trace, unbind
 
-ROUTE_KEY = "promfork.route"
+_REQUEST_KEY = "werkzeug.request"  # where Flask's request object (with its matched url_rule) is found
 _UNKNOWN_LENGTH = float("inf")  # no Content-Length: counted when the server closes the body
 _modules = sys.modules  # "opentelemetry.trace" in it: OpenTelemetry is in use (see promfork.trace)
 
@@ -74,8 +74,6 @@ class HttpMetrics:
 
         Multiprocess mode (PROMETHEUS_MULTIPROC_DIR set, as under gunicorn.conf.py)
         aggregates all workers; otherwise the app gets a private in-memory registry.
-        Set a custom ``app.request_class`` before calling this: it is subclassed to
-        capture route templates.
         """
         settings = settings or load_settings()
         self.settings = settings
@@ -94,41 +92,10 @@ class HttpMetrics:
         else:
             exposed = self.registry
         recorder = HttpRecorder(settings, self.registry)
-        app.request_class = _route_recording(app.request_class)
         instrumented = _InstrumentedApp(app.wsgi_app, recorder)
         app.wsgi_app = DispatcherMiddleware(
             instrumented, {self.metrics_path: make_metrics_app(exposed, settings.auth_token)}
         )
-
-
-def _route_recording(request_class: type) -> type:
-    """The app's request class, also leaving the matched rule template in the WSGI environ.
-
-    Flask assigns ``request.url_rule`` when it has matched the path (never for
-    unknown paths or wrong methods). The measuring middleware outlives Flask's
-    request context, so the template is copied where it can read it. A property
-    costs nothing per request; a before_request hook costs Flask's per-call
-    coroutine check, which on this hot path was measurable.
-    """
-    if getattr(request_class, "_promfork_routes", False):
-        return request_class
-
-    class RouteRecordingRequest(request_class):
-        _promfork_routes = True
-
-        @property
-        def url_rule(self):
-            return self.__dict__.get("_promfork_url_rule")
-
-        @url_rule.setter
-        def url_rule(self, rule) -> None:
-            self.__dict__["_promfork_url_rule"] = rule
-            if rule is not None:
-                self.environ[ROUTE_KEY] = rule.rule
-
-    RouteRecordingRequest.__name__ = request_class.__name__
-    RouteRecordingRequest.__qualname__ = request_class.__qualname__
-    return RouteRecordingRequest
 
 
 class _InstrumentedApp:
@@ -141,14 +108,44 @@ class _InstrumentedApp:
     does not call it is counted only at close(), after its last byte); a worker
     killed before that point takes the request with it (the client sees its
     connection cut). The in-flight gauge drops in the same update that counts it.
+
+    The route is the template of the rule Flask matched: ``url_rule`` of the
+    request object Flask keeps in the environ (``werkzeug.request``) while its
+    request context is pushed, read when Flask starts the response. (An
+    exception that escapes Flask without a response is counted as ``unmatched``,
+    status 500.) This file runs on every request, so it favours few
+    calls and attribute stores over shorter code (bench/instructions.py counts it).
     """
+
+    __slots__ = ("app", "recorder")
 
     def __init__(self, app: Callable, recorder: HttpRecorder) -> None:
         self.app = app
         self.recorder = recorder
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
-        exchange = _Exchange(environ, start_response, self.recorder)
+        exchange = _Exchange()
+        exchange.started = perf_counter()
+        exchange.environ = environ
+        exchange.server_start = start_response
+        exchange.recorder = recorder = self.recorder
+        exchange.body = ()
+        exchange.status = "500"
+        exchange.route = UNMATCHED
+        exchange.length = _UNKNOWN_LENGTH
+        exchange.sent = 0
+        exchange.recorded = False
+        # A request object already there belongs to a WSGI layer outside this app: not ours to read.
+        exchange.outer_request = environ.get(_REQUEST_KEY)
+        header = environ.get("HTTP_TRACEPARENT")
+        # The last test: a request never closed (a server breaking PEP 3333) left its trace bound.
+        if header is not None or "opentelemetry.trace" in _modules or REQUEST_TRACE.get() is not None:
+            exchange.trace = trace = request_trace(header)
+            bind(trace)
+        else:
+            exchange.trace = None
+        recorder.in_flight_samples.update(1)
+        environ[RESPONSE_COMPLETE_KEY] = exchange.record
         try:
             exchange.body = self.app(environ, exchange.start_response)
         except BaseException:
@@ -159,14 +156,16 @@ class _InstrumentedApp:
 
 
 class _Exchange:
-    """One request/response: captures the status, measures the body, records once."""
+    """One request/response: captures the status, measures the body, records once (set up by _InstrumentedApp)."""
 
     __slots__ = (
         "body",
         "environ",
         "length",
+        "outer_request",
         "recorded",
         "recorder",
+        "route",
         "sent",
         "server_start",
         "started",
@@ -174,27 +173,14 @@ class _Exchange:
         "trace",
     )
 
-    def __init__(self, environ: dict, server_start: Callable, recorder: HttpRecorder) -> None:
-        self.started = perf_counter()
-        self.environ = environ
-        self.server_start = server_start
-        self.recorder = recorder
-        self.body: Iterable[bytes] = ()
-        self.status = "500"
-        self.length: float = _UNKNOWN_LENGTH
-        self.sent = 0
-        self.recorded = False
-        self.trace = None
-        header = environ.get("HTTP_TRACEPARENT")
-        # The last test: a request never closed (a server breaking PEP 3333) left its trace bound.
-        if header is not None or "opentelemetry.trace" in _modules or REQUEST_TRACE.get() is not None:
-            self.trace = trace = request_trace(header)
-            bind(trace)
-        recorder.in_flight_samples.update(1)
-        environ[RESPONSE_COMPLETE_KEY] = self._record
-
     def start_response(self, status: str, headers: list, exc_info=None):
         self.status = status[:3]
+        # Flask calls this with its request context still pushed: its request is in the environ.
+        request = self.environ.get(_REQUEST_KEY)
+        if request is not self.outer_request:
+            rule = getattr(request, "url_rule", None)
+            if rule is not None:
+                self.route = rule.rule
         for name, value in headers:
             if len(name) == 14 and name.lower() == "content-length":
                 try:
@@ -208,10 +194,10 @@ class _Exchange:
         for chunk in self.body:
             self.sent = sent = self.sent + len(chunk)
             if sent >= length:
-                self._record()  # before the last byte leaves this process
+                self.record()  # before the last byte leaves this process
             yield chunk
 
-    def _record(self) -> None:
+    def record(self) -> None:
         """Count the request now, once: later calls (the app's, close()'s) do nothing."""
         if self.recorded:
             return
@@ -225,9 +211,10 @@ class _Exchange:
             request_bytes = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
             request_bytes = 0
-        route = environ.get(ROUTE_KEY, UNMATCHED)
+        route = self.route
         recorder = self.recorder
-        series = recorder.bound.get((method, route, self.status)) or recorder.series(method, route, self.status)
+        status = self.status
+        series = recorder.bound.get((method, route, status)) or recorder.series(method, route, status)
         series.update(1, seconds, request_bytes, self.sent, -1)  # counted, so no longer in flight
         if self.trace is not None:
             recorder.record_exemplar(method, route, seconds, self.trace)
@@ -239,7 +226,7 @@ class _Exchange:
                 close()
         finally:
             if not self.recorded:
-                self._record()
+                self.record()
             # environ -> bound method -> self -> environ: break the cycle so the
             # request's objects are freed when the server drops them.
             self.environ.pop(RESPONSE_COMPLETE_KEY, None)

@@ -38,11 +38,13 @@ import time
 from bisect import bisect_left
 
 from promfork.dbfiles import CorruptFile, ValueFile, parse_name
+from promfork.unrolled import compile_update
 
 log = logging.getLogger("promfork.values")
 
 RETRY_INTERVAL = 1.0  # seconds between attempts to store values again
 LOG_INTERVAL = 60.0  # seconds between two "cannot store" lines of one process
+_INF = float("inf")  # read by the update functions promfork.unrolled makes
 
 
 class _Process:
@@ -297,50 +299,50 @@ class Samples:
     ``Samples(requests, duration).update(1, 0.25)`` is ``requests.inc(1)`` and
     ``duration.observe(0.25)``, written under one lock in one pass when the values
     live in MmapValue, through the public API otherwise. Amounts are not checked:
-    counters take non-negative amounts only, as with ``inc``.
+    counters take non-negative amounts only, as with ``inc``; one amount per child.
+
+    ``update`` is made for this plan's shape by ``promfork.unrolled`` (the loop
+    below, unrolled: most of what a request costs is here). The loop in
+    ``_update_slow`` is the reference and serves first use, forks and values held
+    in memory.
     """
 
-    __slots__ = ("_direct", "_owner", "_public")
+    __slots__ = ("_direct", "_owner", "_public", "update")
 
     def __init__(self, *children) -> None:
         self._public = tuple(child.observe if hasattr(child, "observe") else child.inc for child in children)
         self._direct = _direct_plan(children)
         self._owner = None
+        if self._direct is None:
+            self.update = self._update_public
+        else:
+            self.update = compile_update(self, self._direct, globals())
 
     @property
     def direct(self) -> bool:
         """True when updates go straight to MmapValue files, False when through the public API."""
         return self._direct is not None
 
-    def update(self, *amounts: float) -> None:
-        """Add each amount to its counter or gauge; observe it in its histogram."""
-        # zip() with a keyword argument costs more than a write; one amount per child is the contract.
-        direct = self._direct
-        if direct is None:
-            for record, amount in zip(self._public, amounts):  # noqa: B905
-                record(amount)
+    def _update_public(self, *amounts: float) -> None:
+        for record, amount in zip(self._public, amounts):  # noqa: B905
+            record(amount)
+
+    def _update_slow(self, process: _Process, amounts: tuple[float, ...]) -> None:
+        """``update`` on first use, after a fork, or while values are held in memory. Lock held."""
+        if self._owner is not process:
+            self._adopt(process)
+        if process.unstored:
+            self._update_held(process, amounts)
             return
-        process = _process
-        lock = process.lock
-        lock.acquire()  # cheaper than `with` by a third of an update; nothing below raises
-        try:
-            if self._owner is not process:
-                self._adopt(process)
-            if process.unstored:
-                self._update_held(process, amounts)
-                return
-            # MmapValue.inc, inlined: this loop is most of what a request costs.
-            for (total, bounds, buckets), amount in zip(direct, amounts):  # noqa: B905
-                total._value = value = total._value + amount
-                total._file.doubles[total._slot] = value
-                if bounds is not None:
-                    index = bisect_left(bounds, amount)
-                    if amount <= bounds[index]:  # False for NaN, which no bucket counts
-                        bucket = buckets[index]
-                        bucket._value = value = bucket._value + 1.0
-                        bucket._file.doubles[bucket._slot] = value
-        finally:
-            lock.release()
+        for (total, bounds, buckets), amount in zip(self._direct, amounts):  # noqa: B905
+            total._value = value = total._value + amount
+            total._file.doubles[total._slot] = value
+            if bounds is not None:
+                index = bisect_left(bounds, amount)
+                if amount <= bounds[index]:  # False for NaN, which no bucket counts
+                    bucket = buckets[index]
+                    bucket._value = value = bucket._value + 1.0
+                    bucket._file.doubles[bucket._slot] = value
 
     def _update_held(self, process: _Process, amounts: tuple[float, ...]) -> None:
         """``update`` while some values of this process cannot be stored. Lock held."""

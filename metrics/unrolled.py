@@ -1,0 +1,131 @@
+"""Straight-line update functions for ``promfork.values.Samples``: the store loop unrolled, bucket search as comparisons.
+
+A request updates a dozen values. Written as a loop, each one pays for the
+loop itself (iteration, unpacking, a test for "is this a histogram"), and each
+histogram observation pays for ``bisect_left`` (a C call whose float
+comparisons go through the generic protocol). Together that is more than the
+stores cost. Here a Samples' plan, the shape of which (per child: a counter or
+gauge, or a histogram and its upper bounds) is known when it is bound, is
+turned into Python source once per shape:
+
+    def update(a0, a1):
+        ... lock taken, fast case checked ...
+        t = t0                                  # a counter: add, store
+        t._value = v = t._value + a0
+        t._file.doubles[t._slot] = v
+        t = t1                                  # a histogram: its sum...
+        t._value = v = t._value + a1
+        t._file.doubles[t._slot] = v
+        if a1 <= 0.1:                           # ...and its bucket, by comparisons
+            j = 0 if a1 <= 0.05 else 1          # against the bounds as constants
+        ...
+
+The bucket is the first upper bound not below the amount, as in
+prometheus-client's ``Histogram.observe``; NaN is in no bucket (every
+comparison is false, so it reaches the last leaf, which tests ``<= inf``).
+``tests/test_values.py`` checks the result against the loop in ``values.py``
+(still the path for first use, forks and values held in memory) and against
+stock prometheus-client.
+
+Each value's file and slot are read at every update, as the loop does: a file
+that grows is remapped, and a value may move to another file after a fork or a
+fault. Only the fast case is here; anything else goes to ``samples._update_slow``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from types import FunctionType
+
+# One factory per plan shape: (None for a counter or gauge | a histogram's upper bounds, ...).
+_factories: dict[tuple, Callable] = {}
+
+
+def compile_update(samples, plan: tuple, namespace: dict) -> Callable[..., None]:
+    """The update function for `samples`, whose direct plan is `plan` ((total, bounds, buckets) per child).
+
+    `namespace` is the globals of ``promfork.values``: the function reads the
+    current ``_process`` from it at each call (it changes in a forked child).
+    """
+    shape = tuple(bounds for _, bounds, _ in plan)
+    factory = _factories.get(shape)
+    if factory is None:
+        code = compile(_source(shape), f"<promfork update {len(shape)} values>", "exec")
+        scope: dict = {}
+        exec(code, namespace, scope)  # noqa: S102 - source built here from numbers only
+        factory = _factories[shape] = FunctionType(scope["make"].__code__, namespace)
+    objects = []
+    for total, bounds, buckets in plan:
+        objects.append(total)
+        if bounds is not None:
+            objects.append(buckets)
+    return factory(samples, *objects)
+
+
+def _source(shape: tuple) -> str:
+    params, amounts = ["samples"], []
+    for i, bounds in enumerate(shape):
+        params.append(f"t{i}")
+        if bounds is not None:
+            params.append(f"k{i}")
+        amounts.append(f"a{i}")
+    args = ", ".join(amounts)
+    lines = [
+        f"def make({', '.join(params)}):",
+        f"    def update({args}):",
+        "        process = _process",
+        "        lock = process.lock",
+        "        lock.acquire()",
+        "        try:",
+        "            if samples._owner is not process or process.unstored:",
+        f"                samples._update_slow(process, ({args},))",
+        "                return",
+    ]
+    body = "            "
+    for i, bounds in enumerate(shape):
+        lines += [
+            f"{body}t = t{i}",
+            f"{body}t._value = v = t._value + a{i}",
+            f"{body}t._file.doubles[t._slot] = v",
+        ]
+        if bounds is None:
+            continue
+        _search(lines, f"a{i}", bounds, 0, len(bounds) - 1, body)
+        lines += [
+            f"{body}if j is not None:",
+            f"{body}    b = k{i}[j]",
+            f"{body}    b._value = v = b._value + 1.0",
+            f"{body}    b._file.doubles[b._slot] = v",
+        ]
+    lines += [
+        "        finally:",
+        "            lock.release()",
+        "    return update",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _search(lines: list[str], amount: str, bounds: tuple, low: int, high: int, indent: str) -> None:
+    """Append code setting ``j`` to the first index in low..high whose bound is >= `amount` (None for NaN)."""
+    if low == high:
+        if high == len(bounds) - 1:  # the +Inf bucket: every number, but not NaN
+            lines.append(f"{indent}j = {high} if {amount} <= {_literal(bounds[high])} else None")
+        else:
+            lines.append(f"{indent}j = {high}")
+        return
+    middle = (low + high) // 2
+    lines.append(f"{indent}if {amount} <= {_literal(bounds[middle])}:")
+    _search(lines, amount, bounds, low, middle, indent + "    ")
+    lines.append(f"{indent}else:")
+    _search(lines, amount, bounds, middle + 1, high, indent + "    ")
+
+
+def _literal(bound: float) -> str:
+    """`bound` as Python source that evaluates to exactly it (repr round-trips floats)."""
+    bound = float(bound)
+    if math.isinf(bound):
+        return "_INF" if bound > 0 else "-_INF"
+    if math.isnan(bound):
+        raise ValueError("a histogram bound cannot be NaN")
+    return repr(bound)
