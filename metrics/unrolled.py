@@ -38,7 +38,8 @@ import math
 from collections.abc import Callable
 from types import FunctionType
 
-# One factory per plan shape: (None for a counter or gauge | a histogram's upper bounds, ...).
+# One factory per plan shape (None for a counter or gauge | a histogram's upper bounds, ...) and
+# namespace (each factory holds its namespace as globals, so the id stays that namespace's).
 _factories: dict[tuple, Callable] = {}
 
 
@@ -49,12 +50,13 @@ def compile_update(samples, plan: tuple, namespace: dict) -> Callable[..., None]
     current ``_process`` from it at each call (it changes in a forked child).
     """
     shape = tuple(bounds for _, bounds, _ in plan)
-    factory = _factories.get(shape)
+    key = (id(namespace), shape)
+    factory = _factories.get(key)
     if factory is None:
         code = compile(_source(shape), f"<promfork update {len(shape)} values>", "exec")
         scope: dict = {}
         exec(code, namespace, scope)  # noqa: S102 - source built here from numbers only
-        factory = _factories[shape] = FunctionType(scope["make"].__code__, namespace)
+        factory = _factories[key] = FunctionType(scope["make"].__code__, namespace)
     objects = []
     for total, bounds, buckets in plan:
         objects.append(total)
@@ -125,7 +127,7 @@ def _literal(bound: float) -> str:
     """`bound` as Python source that evaluates to exactly it (repr round-trips floats)."""
     bound = float(bound)
     if math.isinf(bound):
-        return "_INF" if bound > 0 else "-_INF"
+        return "1e999" if bound > 0 else "-1e999"  # literals that overflow to ±inf
     if math.isnan(bound):
         raise ValueError("a histogram bound cannot be NaN")
     return repr(bound)

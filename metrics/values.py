@@ -44,7 +44,6 @@ log = logging.getLogger("promfork.values")
 
 RETRY_INTERVAL = 1.0  # seconds between attempts to store values again
 LOG_INTERVAL = 60.0  # seconds between two "cannot store" lines of one process
-_INF = float("inf")  # read by the update functions promfork.unrolled makes
 
 
 class _Process:

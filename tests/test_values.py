@@ -11,13 +11,17 @@ import json
 import math
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from promfork import unrolled
 from promfork.values import Samples
 
 HERE = Path(__file__).resolve().parent
@@ -128,3 +132,75 @@ def test_samples_use_the_public_api_when_values_live_in_memory() -> None:
     assert registry.get_sample_value("latency_seconds_bucket", {"route": "/a", "le": "0.1"}) == 1
     assert registry.get_sample_value("latency_seconds_bucket", {"route": "/a", "le": "+Inf"}) == 2
     assert registry.get_sample_value("busy") == 0
+
+
+class _File:
+    def __init__(self, size: int) -> None:
+        self.doubles = [0.0] * size
+
+
+class _Value:
+    """What the unrolled code touches of an MmapValue: the value held in memory, its file and slot."""
+
+    def __init__(self, file: _File, slot: int) -> None:
+        self._value, self._file, self._slot = 0.0, file, slot
+
+
+class _Stub:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.unstored: set = set()
+        self._owner = self
+
+
+_BOUNDS = st.lists(
+    st.floats(allow_nan=False, allow_infinity=False, min_value=-1e9, max_value=1e9), min_size=0, max_size=40
+).map(lambda found: (*sorted(set(found)), math.inf))
+_AMOUNTS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.sampled_from([0, 0.0, -0.0, 1, 2.5]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(bounds=_BOUNDS, data=st.data())
+def test_unrolled_updates_count_what_prometheus_clients_observe_counts(bounds: tuple, data) -> None:
+    """The generated update function against the rule of prometheus-client's Histogram.observe, bounds hit exactly.
+
+    Stubs stand in for MmapValue (only the attributes the generated code reads),
+    so any bound list and any amount can be tried in-process.
+    """
+    amounts = data.draw(st.lists(st.one_of(_AMOUNTS, st.sampled_from(bounds)), min_size=1, max_size=30))
+    file = _File(2 + len(bounds))
+    counter, total = _Value(file, 0), _Value(file, 1)
+    buckets = tuple(_Value(file, 2 + i) for i in range(len(bounds)))
+    process = _Stub()
+    update = unrolled.compile_update(process, ((counter, None, ()), (total, bounds, buckets)), {"_process": process})
+    want_buckets = [0] * len(bounds)
+    want_sum = 0.0
+    for amount in amounts:
+        update(1, amount)
+        want_sum += amount
+        for i, bound in enumerate(bounds):  # prometheus_client.metrics.Histogram.observe
+            if amount <= bound:
+                want_buckets[i] += 1
+                break
+    assert file.doubles[0] == counter._value == len(amounts)
+    assert same(file.doubles[1], want_sum) and same(total._value, want_sum)
+    assert file.doubles[2:] == [float(n) for n in want_buckets]
+
+
+def test_unrolled_updates_leave_first_use_forks_and_held_values_to_the_reference_loop() -> None:
+    process = _Stub()
+    calls = []
+    process._update_slow = lambda owner, amounts: calls.append(amounts)
+    file = _File(1)
+    update = unrolled.compile_update(process, ((_Value(file, 0), None, ()),), {"_process": process})
+    process.unstored.add("held")
+    update(5)
+    process.unstored.clear()
+    process._owner = None  # another process (a forked child): values must be opened there first
+    update(7)
+    assert calls == [(5,), (7,)] and file.doubles == [0.0]
+    assert not process.lock.locked()
