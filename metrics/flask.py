@@ -57,6 +57,12 @@ from promfork.trace import REQUEST_TRACE, bind, request_trace, unbind
 _REQUEST_KEY = "werkzeug.request"  # where Flask's request object (with its matched url_rule) is found
 _UNKNOWN_LENGTH = float("inf")  # no Content-Length: counted when the server closes the body
 _modules = sys.modules  # "opentelemetry.trace" in it: OpenTelemetry is in use (see promfork.trace)
+_traced = False  # a request of this process has had a trace bound: a later one checks none is left
+
+
+def _traced_once() -> None:
+    global _traced
+    _traced = True
 
 
 class HttpMetrics:
@@ -139,8 +145,10 @@ class _InstrumentedApp:
         exchange.outer_request = environ.get(_REQUEST_KEY)
         header = environ.get("HTTP_TRACEPARENT")
         # The last test: a request never closed (a server breaking PEP 3333) left its trace bound.
-        if header is not None or "opentelemetry.trace" in _modules or REQUEST_TRACE.get() is not None:
+        if header is not None or "opentelemetry.trace" in _modules or (_traced and REQUEST_TRACE.get() is not None):
             exchange.trace = trace = request_trace(header)
+            if trace is not None:
+                _traced_once()
             bind(trace)
         else:
             exchange.trace = None
@@ -178,7 +186,10 @@ class _Exchange:
         # Flask calls this with its request context still pushed: its request is in the environ.
         request = self.environ.get(_REQUEST_KEY)
         if request is not self.outer_request:
-            rule = getattr(request, "url_rule", None)
+            try:
+                rule = request.url_rule
+            except AttributeError:  # not a Flask request (or none): the route stays unmatched
+                rule = None
             if rule is not None:
                 self.route = rule.rule
         for name, value in headers:

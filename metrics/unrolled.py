@@ -10,15 +10,17 @@ turned into Python source once per shape:
 
     def update(a0, a1):
         ... lock taken, fast case checked ...
-        t = t0                                  # a counter: add, store
-        t._value = v = t._value + a0
-        t._file.doubles[t._slot] = v
-        t = t1                                  # a histogram: its sum...
-        t._value = v = t._value + a1
-        t._file.doubles[t._slot] = v
+        t0._value = v = t0._value + a0          # a counter: add, store
+        d0[s0] = v
+        t1._value = v = t1._value + a1          # a histogram: its sum...
+        d1[s1] = v
         if a1 <= 0.1:                           # ...and its bucket, by comparisons
-            j = 0 if a1 <= 0.05 else 1          # against the bounds as constants
-        ...
+            ...                                 # against the bounds as constants
+                j = 1
+        if j is not None:
+            b = k1[j]
+            b._value = v = b._value + 1.0
+            d1[ks1[j]] = v
 
 The bucket is the first upper bound not below the amount, as in
 prometheus-client's ``Histogram.observe``; NaN is in no bucket (every
@@ -27,9 +29,13 @@ comparison is false, so it reaches the last leaf, which tests ``<= inf``).
 (still the path for first use, forks and values held in memory) and against
 stock prometheus-client.
 
-Each value's file and slot are read at every update, as the loop does: a file
-that grows is remapped, and a value may move to another file after a fork or a
-fault. Only the fast case is here; anything else goes to ``samples._update_slow``.
+The function holds each value's file view (``d0``) and slot (``s0``), as they
+were when it was made. A file that grows is remapped (its old view released),
+and a value may move to another file after a fork or a fault: each of those
+replaces the process's ``layout`` token, and a function made under another token
+hands the update to ``samples._update_slow`` (the reference loop, which reads
+files and slots anew and then makes the function again). So does any update
+while values are held in memory.
 """
 
 from __future__ import annotations
@@ -43,11 +49,15 @@ from types import FunctionType
 _factories: dict[tuple, Callable] = {}
 
 
-def compile_update(samples, plan: tuple, namespace: dict) -> Callable[..., None]:
+def compile_update(samples, plan: tuple, namespace: dict, layout: object) -> Callable[..., None]:
     """The update function for `samples`, whose direct plan is `plan` ((total, bounds, buckets) per child).
 
-    `namespace` is the globals of ``promfork.values``: the function reads the
-    current ``_process`` from it at each call (it changes in a forked child).
+    The function writes through each value's current file view and slot, taken
+    now; it takes the slow path (``samples._update_slow``) whenever the
+    process's ``layout`` is not `layout` (another process, a remapped file, a
+    moved value; None: always) or values are held in memory. `namespace` is the
+    globals of ``promfork.values``: the function reads the current ``_process``
+    from it at each call (it changes in a forked child).
     """
     shape = tuple(bounds for _, bounds, _ in plan)
     key = (id(namespace), shape)
@@ -57,20 +67,23 @@ def compile_update(samples, plan: tuple, namespace: dict) -> Callable[..., None]
         scope: dict = {}
         exec(code, namespace, scope)  # noqa: S102 - source built here from numbers only
         factory = _factories[key] = FunctionType(scope["make"].__code__, namespace)
-    objects = []
+    if any(bucket._file is not total._file for total, _, buckets in plan for bucket in buckets):
+        layout = None  # never seen (a histogram's values share one file): the slow path, always
+    objects: list = [samples, layout]
     for total, bounds, buckets in plan:
-        objects.append(total)
-        if bounds is not None:
-            objects.append(buckets)
-    return factory(samples, *objects)
+        file = total._file
+        objects += (total, None if file is None else file.doubles, total._slot)
+        if bounds is not None:  # a histogram's buckets live in its sum's file
+            objects += (buckets, tuple(bucket._slot for bucket in buckets))
+    return factory(*objects)
 
 
 def _source(shape: tuple) -> str:
-    params, amounts = ["samples"], []
+    params, amounts = ["samples", "layout"], []
     for i, bounds in enumerate(shape):
-        params.append(f"t{i}")
+        params += [f"t{i}", f"d{i}", f"s{i}"]
         if bounds is not None:
-            params.append(f"k{i}")
+            params += [f"k{i}", f"ks{i}"]
         amounts.append(f"a{i}")
     args = ", ".join(amounts)
     lines = [
@@ -80,16 +93,15 @@ def _source(shape: tuple) -> str:
         "        lock = process.lock",
         "        lock.acquire()",
         "        try:",
-        "            if samples._owner is not process or process.unstored:",
+        "            if process.layout is not layout or process.unstored:",
         f"                samples._update_slow(process, ({args},))",
         "                return",
     ]
     body = "            "
     for i, bounds in enumerate(shape):
         lines += [
-            f"{body}t = t{i}",
-            f"{body}t._value = v = t._value + a{i}",
-            f"{body}t._file.doubles[t._slot] = v",
+            f"{body}t{i}._value = v = t{i}._value + a{i}",
+            f"{body}d{i}[s{i}] = v",
         ]
         if bounds is None:
             continue
@@ -98,7 +110,7 @@ def _source(shape: tuple) -> str:
             f"{body}if j is not None:",
             f"{body}    b = k{i}[j]",
             f"{body}    b._value = v = b._value + 1.0",
-            f"{body}    b._file.doubles[b._slot] = v",
+            f"{body}    d{i}[ks{i}[j]] = v",
         ]
     lines += [
         "        finally:",

@@ -58,6 +58,9 @@ class _Process:
         self.retry_at = 0.0
         self.logged_at: float | None = None
         self.retrying = False  # a thread is storing what is held
+        # Replaced whenever a file of this process is remapped or a value moves: update
+        # functions (promfork.unrolled) holding views and slots from before then take the slow path.
+        self.layout = object()
 
     def file(self, prefix: str) -> ValueFile:
         """This process's file for `prefix` (``counter``, ``gauge_livesum``...), opened on first use.
@@ -80,6 +83,15 @@ class _Process:
                 found = ValueFile(os.path.join(directory, name))
             self.files[prefix] = found
         return found
+
+    def place(self, prefix: str, key: str) -> tuple[ValueFile, int]:
+        """The file and slot of `key` (created if new); raises as ``file`` and ``ValueFile.slot`` do. Lock held."""
+        file = self.file(prefix)
+        view = file.doubles
+        slot = file.slot(key)
+        if file.doubles is not view:  # the file grew and was mapped anew: earlier views are released
+            self.layout = object()
+        return file, slot
 
     def close(self) -> None:
         """Unmap and close every file (their locks go with them)."""
@@ -226,8 +238,7 @@ class MmapValue:
         When the file cannot be used the value starts at 0 in memory (see the module docstring).
         """
         try:
-            file = process.file(self._prefix)
-            slot = file.slot(self._key)
+            file, slot = process.place(self._prefix, self._key)
         except Exception as exc:  # OSError mostly; never fail the caller's request
             # The stored value is unknown: what is held counts from 0 and is added to it later.
             self._file, self._slot, self._value, self._relative = None, -1, 0.0, True
@@ -240,8 +251,8 @@ class MmapValue:
 
     def _store_held(self, process: _Process) -> None:
         """Write the value held in memory to its file; raises while that is still impossible. Lock held."""
-        file = process.file(self._prefix)
-        slot = file.slot(self._key)
+        file, slot = process.place(self._prefix, self._key)
+        process.layout = object()  # this value now lives in a file
         if self._relative:  # increments on top of a value never read (a continued file): add them
             self._value += file.doubles[slot]
         file.set(slot, self._value, self._timestamp)
@@ -301,9 +312,10 @@ class Samples:
     counters take non-negative amounts only, as with ``inc``; one amount per child.
 
     ``update`` is made for this plan's shape by ``promfork.unrolled`` (the loop
-    below, unrolled: most of what a request costs is here). The loop in
-    ``_update_slow`` is the reference and serves first use, forks and values held
-    in memory.
+    below, unrolled: most of what a request costs is here), for the files and
+    slots its values have in this process. The loop in ``_update_slow`` is the
+    reference and serves first use, forks, remapped files and values held in
+    memory; it makes ``update`` again once every value is stored.
     """
 
     __slots__ = ("_direct", "_owner", "_public", "update")
@@ -314,8 +326,8 @@ class Samples:
         self._owner = None
         if self._direct is None:
             self.update = self._update_public
-        else:
-            self.update = compile_update(self, self._direct, globals())
+        else:  # slow until first used in a process; then made again for its files (_update_slow)
+            self.update = compile_update(self, self._direct, globals(), None)
 
     @property
     def direct(self) -> bool:
@@ -342,6 +354,8 @@ class Samples:
                     bucket = buckets[index]
                     bucket._value = value = bucket._value + 1.0
                     bucket._file.doubles[bucket._slot] = value
+        # Every value is in a file of this process now: the fast path, for these views and slots.
+        self.update = compile_update(self, self._direct, globals(), process.layout)
 
     def _update_held(self, process: _Process, amounts: tuple[float, ...]) -> None:
         """``update`` while some values of this process cannot be stored. Lock held."""

@@ -150,7 +150,7 @@ class _Stub:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.unstored: set = set()
-        self._owner = self
+        self.layout = object()
 
 
 _BOUNDS = st.lists(
@@ -176,7 +176,8 @@ def test_unrolled_updates_count_what_prometheus_clients_observe_counts(bounds: t
     counter, total = _Value(file, 0), _Value(file, 1)
     buckets = tuple(_Value(file, 2 + i) for i in range(len(bounds)))
     process = _Stub()
-    update = unrolled.compile_update(process, ((counter, None, ()), (total, bounds, buckets)), {"_process": process})
+    plan = ((counter, None, ()), (total, bounds, buckets))
+    update = unrolled.compile_update(process, plan, {"_process": process}, process.layout)
     want_buckets = [0] * len(bounds)
     want_sum = 0.0
     for amount in amounts:
@@ -191,16 +192,19 @@ def test_unrolled_updates_count_what_prometheus_clients_observe_counts(bounds: t
     assert file.doubles[2:] == [float(n) for n in want_buckets]
 
 
-def test_unrolled_updates_leave_first_use_forks_and_held_values_to_the_reference_loop() -> None:
+def test_unrolled_updates_leave_new_layouts_and_held_values_to_the_reference_loop() -> None:
     process = _Stub()
     calls = []
     process._update_slow = lambda owner, amounts: calls.append(amounts)
     file = _File(1)
-    update = unrolled.compile_update(process, ((_Value(file, 0), None, ()),), {"_process": process})
+    update = unrolled.compile_update(process, ((_Value(file, 0), None, ()),), {"_process": process}, process.layout)
+    update(3)
     process.unstored.add("held")
     update(5)
     process.unstored.clear()
-    process._owner = None  # another process (a forked child): values must be opened there first
+    process.layout = object()  # a file remapped, a value moved, or another process
     update(7)
-    assert calls == [(5,), (7,)] and file.doubles == [0.0]
+    first_use = unrolled.compile_update(process, ((_Value(file, 0), None, ()),), {"_process": process}, None)
+    first_use(11)
+    assert calls == [(5,), (7,), (11,)] and file.doubles == [3.0]
     assert not process.lock.locked()
