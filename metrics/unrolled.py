@@ -142,4 +142,8 @@ def _literal(bound: float) -> str:
         return "1e999" if bound > 0 else "-1e999"  # literals that overflow to ±inf
     if math.isnan(bound):
         raise ValueError("a histogram bound cannot be NaN")
+    if bound.is_integer():
+        # The same comparison for any amount (Python compares int and float exactly), and a
+        # cheap one for the integer amounts (tokens, bytes) such buckets usually count.
+        return repr(int(bound))
     return repr(bound)

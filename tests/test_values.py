@@ -153,8 +153,10 @@ class _Stub:
         self.layout = object()
 
 
-_BOUNDS = st.lists(
-    st.floats(allow_nan=False, allow_infinity=False, min_value=-1e9, max_value=1e9), min_size=0, max_size=40
+_BOUNDS = st.lists(  # integral bounds become int literals in the generated code: many of them here
+    st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-(10**6), 10**6).map(float)),
+    min_size=0,
+    max_size=40,
 ).map(lambda found: (*sorted(set(found)), math.inf))
 _AMOUNTS = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
