@@ -48,6 +48,7 @@ from flask import Flask
 from prometheus_client import CollectorRegistry
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
+from promfork import trace as _trace
 from promfork.config import Settings, load_settings
 from promfork.exposition import disabled_app, make_metrics_app
 from promfork.http import KNOWN_METHODS, RESPONSE_COMPLETE_KEY, UNMATCHED, HttpRecorder
@@ -57,12 +58,6 @@ from promfork.trace import REQUEST_TRACE, bind, request_trace, unbind
 _REQUEST_KEY = "werkzeug.request"  # where Flask's request object (with its matched url_rule) is found
 _UNKNOWN_LENGTH = float("inf")  # no Content-Length: counted when the server closes the body
 _modules = sys.modules  # "opentelemetry.trace" in it: OpenTelemetry is in use (see promfork.trace)
-_traced = False  # a request of this process has had a trace bound: a later one checks none is left
-
-
-def _traced_once() -> None:
-    global _traced
-    _traced = True
 
 
 class HttpMetrics:
@@ -145,15 +140,13 @@ class _InstrumentedApp:
         exchange.outer_request = environ.get(_REQUEST_KEY)
         header = environ.get("HTTP_TRACEPARENT")
         # The last test: a request never closed (a server breaking PEP 3333) left its trace bound.
-        if header is not None or "opentelemetry.trace" in _modules or (_traced and REQUEST_TRACE.get() is not None):
+        if header is not None or "opentelemetry.trace" in _modules or (_trace.traces_seen and REQUEST_TRACE.get()):
             exchange.trace = trace = request_trace(header)
-            if trace is not None:
-                _traced_once()
             bind(trace)
         else:
             exchange.trace = None
         recorder.in_flight_samples.update(1)
-        environ[RESPONSE_COMPLETE_KEY] = exchange.record
+        environ[RESPONSE_COMPLETE_KEY] = exchange  # calling it records (no bound method to make)
         try:
             exchange.body = self.app(environ, exchange.start_response)
         except BaseException:
@@ -230,16 +223,21 @@ class _Exchange:
         if self.trace is not None:
             recorder.record_exemplar(method, route, seconds, self.trace)
 
+    __call__ = record  # environ[RESPONSE_COMPLETE_KEY]()
+
     def close(self) -> None:
         try:
-            close = getattr(self.body, "close", None)
-            if close is not None:
+            try:
+                close = self.body.close
+            except AttributeError:
+                pass
+            else:
                 close()
         finally:
             if not self.recorded:
                 self.record()
-            # environ -> bound method -> self -> environ: break the cycle so the
-            # request's objects are freed when the server drops them.
+            # environ -> self -> environ: break the cycle so the request's
+            # objects are freed when the server drops them.
             self.environ.pop(RESPONSE_COMPLETE_KEY, None)
             if self.trace is not None:
                 unbind()

@@ -87,8 +87,16 @@ def request_trace(traceparent: str | None) -> TraceContext | None:
     return parse_traceparent(traceparent)
 
 
+# True once a request of this process has had a trace bound: until then REQUEST_TRACE holds none,
+# and the request path skips reading it. Read it, never set it (bind does).
+traces_seen = False
+
+
 def bind(trace: TraceContext | None) -> None:
     """Make `trace` the trace of the request being served (in this thread or task); None clears it."""
+    global traces_seen
+    if trace is not None:
+        traces_seen = True
     REQUEST_TRACE.set(trace)
 
 
@@ -103,4 +111,4 @@ def current_trace() -> TraceContext | None:
         found = opentelemetry_trace()
         if found is not None:
             return found
-    return REQUEST_TRACE.get()
+    return REQUEST_TRACE.get() if traces_seen else None

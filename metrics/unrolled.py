@@ -1,4 +1,4 @@
-"""Straight-line update functions for ``promfork.values.Samples``: the store loop unrolled, bucket search as comparisons.
+"""Straight-line update functions for ``promfork.values.Samples``: the store loop unrolled, buckets by comparisons.
 
 A request updates a dozen values. Written as a loop, each one pays for the
 loop itself (iteration, unpacking, a test for "is this a histogram"), and each
