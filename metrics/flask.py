@@ -44,7 +44,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from time import perf_counter
 
-from flask import Flask
+from flask import Flask, got_request_exception, request
 from prometheus_client import CollectorRegistry
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
@@ -93,7 +93,10 @@ class HttpMetrics:
         else:
             exposed = self.registry
         recorder = HttpRecorder(settings, self.registry)
-        instrumented = _InstrumentedApp(app.wsgi_app, recorder)
+        instrumented = _InstrumentedApp(app.wsgi_app, recorder, app.url_map)
+        # An exception that escapes Flask (PROPAGATE_EXCEPTIONS) never reaches start_response:
+        # its route is taken while Flask reports it, with the request context still pushed.
+        got_request_exception.connect(_route_of_failed_request, app, weak=False)
         app.wsgi_app = DispatcherMiddleware(
             instrumented, {self.metrics_path: make_metrics_app(exposed, settings.auth_token)}
         )
@@ -112,17 +115,21 @@ class _InstrumentedApp:
 
     The route is the template of the rule Flask matched: ``url_rule`` of the
     request object Flask keeps in the environ (``werkzeug.request``) while its
-    request context is pushed, read when Flask starts the response. (An
-    exception that escapes Flask without a response is counted as ``unmatched``,
-    status 500.) This file runs on every request, so it favours few
-    calls and attribute stores over shorter code (bench/instructions.py counts it).
+    request context is pushed (popping it sets the key to None), read when Flask
+    starts the response, when the app counts a stream early, or when Flask
+    reports an exception that will escape it. Only a rule of this app's URL map
+    counts: a request served by another app mounted inside this one, or a
+    request object of a layer outside it, leaves the route ``unmatched``. This
+    runs on every request, so it favours few calls and attribute stores over
+    shorter code (bench/instructions.py counts it).
     """
 
-    __slots__ = ("app", "recorder")
+    __slots__ = ("app", "recorder", "url_map")
 
-    def __init__(self, app: Callable, recorder: HttpRecorder) -> None:
+    def __init__(self, app: Callable, recorder: HttpRecorder, url_map: object) -> None:
         self.app = app
         self.recorder = recorder
+        self.url_map = url_map
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         exchange = _Exchange()
@@ -136,8 +143,7 @@ class _InstrumentedApp:
         exchange.length = _UNKNOWN_LENGTH
         exchange.sent = 0
         exchange.recorded = False
-        # A request object already there belongs to a WSGI layer outside this app: not ours to read.
-        exchange.outer_request = environ.get(_REQUEST_KEY)
+        exchange.url_map = self.url_map
         header = environ.get("HTTP_TRACEPARENT")
         # The last test: a request never closed (a server breaking PEP 3333) left its trace bound.
         if header is not None or "opentelemetry.trace" in _modules or (_trace.traces_seen and REQUEST_TRACE.get()):
@@ -163,7 +169,6 @@ class _Exchange:
         "body",
         "environ",
         "length",
-        "outer_request",
         "recorded",
         "recorder",
         "route",
@@ -172,19 +177,12 @@ class _Exchange:
         "started",
         "status",
         "trace",
+        "url_map",
     )
 
     def start_response(self, status: str, headers: list, exc_info=None):
         self.status = status[:3]
-        # Flask calls this with its request context still pushed: its request is in the environ.
-        request = self.environ.get(_REQUEST_KEY)
-        if request is not self.outer_request:
-            try:
-                rule = request.url_rule
-            except AttributeError:  # not a Flask request (or none): the route stays unmatched
-                rule = None
-            if rule is not None:
-                self.route = rule.rule
+        self.capture_route()  # Flask calls this with its request context still pushed
         for name, value in headers:
             if len(name) == 14 and name.lower() == "content-length":
                 try:
@@ -201,11 +199,22 @@ class _Exchange:
                 self.record()  # before the last byte leaves this process
             yield chunk
 
+    def capture_route(self) -> None:
+        """Take the route from the request in the environ, if Flask matched one of this app's rules."""
+        try:
+            rule = self.environ[_REQUEST_KEY].url_rule
+        except (KeyError, AttributeError):  # no request, not a Flask one, or its context popped
+            return
+        if rule is not None and rule.map is self.url_map:
+            self.route = rule.rule
+
     def record(self) -> None:
         """Count the request now, once: later calls (the app's, close()'s) do nothing."""
         if self.recorded:
             return
         self.recorded = True
+        if self.route is UNMATCHED:  # counted before the response started: inside the view, maybe
+            self.capture_route()
         seconds = perf_counter() - self.started
         environ = self.environ
         method = environ.get("REQUEST_METHOD", "")
@@ -241,3 +250,10 @@ class _Exchange:
             self.environ.pop(RESPONSE_COMPLETE_KEY, None)
             if self.trace is not None:
                 unbind()
+
+
+def _route_of_failed_request(sender: Flask, **_extra) -> None:
+    """got_request_exception receiver: the failing request keeps its route even if no response follows."""
+    exchange = request.environ.get(RESPONSE_COMPLETE_KEY)
+    if type(exchange) is _Exchange:
+        exchange.capture_route()

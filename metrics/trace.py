@@ -46,6 +46,7 @@ class TraceContext(NamedTuple):
 
 
 # The trace bound to the request being served in this thread or task (None outside requests).
+# Set it only through bind(): current_trace() reads it only once bind() has bound a trace.
 REQUEST_TRACE: ContextVar[TraceContext | None] = ContextVar("promfork_request_trace", default=None)
 
 

@@ -86,6 +86,7 @@ def _source(shape: tuple) -> str:
             params += [f"k{i}", f"ks{i}"]
         amounts.append(f"a{i}")
     args = ", ".join(amounts)
+    packed = f"({args},)" if amounts else "()"
     lines = [
         f"def make({', '.join(params)}):",
         f"    def update({args}):",
@@ -94,7 +95,7 @@ def _source(shape: tuple) -> str:
         "        lock.acquire()",
         "        try:",
         "            if process.layout is not layout or process.unstored:",
-        f"                samples._update_slow(process, ({args},))",
+        f"                samples._update_slow(process, {packed})",
         "                return",
     ]
     body = "            "

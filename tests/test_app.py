@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from flask import Flask, request
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from werkzeug.test import EnvironBuilder
 
 from promfork.config import Settings
+from promfork.flask import HttpMetrics
 from webapp.app import create_app
 from webapp.settings import GatewaySettings
 
@@ -233,3 +236,41 @@ def test_metrics_token_is_required_when_set():
 def test_health_endpoints(client):
     assert client.get("/healthz").get_json() == {"status": "ok"}
     assert client.get("/readyz").status_code == 200
+
+
+STATUSES = ("200", "500")
+
+
+def _small_app(**config) -> Flask:
+    """A Flask app of its own under HttpMetrics (private registry), for route-capture edge cases."""
+    small = Flask("small")
+    small.config.update(config)
+
+    @small.get("/boom/<int:n>")
+    def boom(n: int):
+        raise RuntimeError("boom")
+
+    @small.get("/early/<name>")
+    def early(name: str):
+        request.environ["promfork.response_complete"]()  # counted before the response starts
+        return "ok"
+
+    inner = Flask("inner")
+    inner.add_url_rule("/x/<int:n>", "x", lambda n: "inner")
+    small.wsgi_app = DispatcherMiddleware(small.wsgi_app, {"/mounted": inner})
+    HttpMetrics(small)
+    return small
+
+
+def test_routes_survive_propagated_errors_early_counts_and_skip_mounted_apps() -> None:
+    small = _small_app(PROPAGATE_EXCEPTIONS=True)
+    client = small.test_client()
+    with pytest.raises(RuntimeError):
+        client.get("/boom/1")
+    client.get("/early/a").close()
+    client.get("/mounted/x/1").close()  # another app's rule: not a route of this one
+    assert metric(small, "http_requests_total", method="GET", route="/boom/<int:n>", status="500") == 1
+    early = [metric(small, "http_requests_total", method="GET", route="/early/<name>", status=s) for s in STATUSES]
+    assert sum(early) == 1
+    assert metric(small, "http_requests_total", method="GET", route="unmatched", status="200") == 1
+    assert metric(small, "http_requests_total", method="GET", route="/x/<int:n>", status="200") == 0

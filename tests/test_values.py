@@ -208,5 +208,6 @@ def test_unrolled_updates_leave_new_layouts_and_held_values_to_the_reference_loo
     update(7)
     first_use = unrolled.compile_update(process, ((_Value(file, 0), None, ()),), {"_process": process}, None)
     first_use(11)
-    assert calls == [(5,), (7,), (11,)] and file.doubles == [3.0]
+    unrolled.compile_update(process, (), {"_process": process}, None)()  # no values: the slow path, no amounts
+    assert calls == [(5,), (7,), (11,), ()] and file.doubles == [3.0]
     assert not process.lock.locked()
