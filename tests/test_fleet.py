@@ -5,6 +5,7 @@ to a global one, and the retention and Alertmanager wiring of every deployment i
 from __future__ import annotations
 
 import collections
+import math
 import os
 import re
 import shutil
@@ -260,8 +261,15 @@ def test_global_prometheus_federates_the_fleet_request_count_and_rate(gunicorn_f
         assert wait_until(
             lambda: {name for name in at_site if fleet.query(name)} == at_site, timeout=30, interval=0.5
         ), at_site - {name for name in at_site if fleet.query(name)}
-        (errors,) = fleet.query(f'route:http_request_errors:ratio_rate5m{{route="{CHAT}"}}')
-        assert float(errors["value"][1]) == 0.0  # every answer the client got was a 200
+
+        # 0/0 (NaN) until the site's evaluation sees two scrapes of the load; then a number.
+        def error_ratio() -> float | None:
+            found = fleet.query(f'route:http_request_errors:ratio_rate5m{{route="{CHAT}"}}')
+            value = float(found[0]["value"][1]) if found else math.nan
+            return None if math.isnan(value) else value
+
+        assert wait_until(lambda: error_ratio() is not None, timeout=30, interval=0.5), "the error ratio stayed NaN"
+        assert error_ratio() == 0.0  # every answer the client got was a 200
 
         # The fleet request rate: the site's rule evaluated after its scrapes saw the whole load
         # (federated samples keep the site's evaluation timestamps). rate()*300 is at least the

@@ -267,7 +267,12 @@ def test_dirty_worker_metrics_are_aggregated_and_a_killed_dirty_worker_is_compac
         assert value(after, "http_requests_in_flight") == 0
         assert value(after, "metrics_compactions_total") >= 2
         assert server.log().count("Booting worker") >= 2 + 10, "HTTP workers were not recycled"
-    assert "Traceback" not in server.log(), server.log()[-3000:]
+    serving, _, stopping = server.log().partition("Handling signal: term")
+    assert "Traceback" not in serving, serving[-3000:]
+    # Shutting down, Gunicorn's dirty arbiter may log a client task it cancelled (its own race,
+    # in gunicorn/dirty/arbiter.py); any other traceback there is a failure.
+    upstream = "dirty/arbiter.py" in stopping and "CancelledError" in stopping and stopping.count("Traceback") == 1
+    assert "Traceback" not in stopping or upstream, stopping[-3000:]
 
 
 def listening_socket_inode(port: int) -> str:
