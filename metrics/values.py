@@ -318,16 +318,33 @@ class Samples:
     memory; it makes ``update`` again once every value is stored.
     """
 
-    __slots__ = ("_direct", "_owner", "_public", "update")
+    __slots__ = ("_direct", "_owner", "_public", "_reference_only", "update")
 
     def __init__(self, *children) -> None:
         self._public = tuple(child.observe if hasattr(child, "observe") else child.inc for child in children)
         self._direct = _direct_plan(children)
         self._owner = None
+        self._reference_only = False
         if self._direct is None:
             self.update = self._update_public
         else:  # slow until first used in a process; then made again for its files (_update_slow)
-            self.update = compile_update(self, self._direct, globals(), None)
+            self._make_update(None)
+
+    def _make_update(self, layout: object) -> None:
+        """Make ``update`` for the current files; if that fails, the reference loop serves from now on."""
+        if self._reference_only:
+            return
+        try:
+            self.update = compile_update(self, self._direct, globals(), layout)
+        except Exception as exc:  # a bound Python cannot compare as a literal (NaN): never fail the caller
+            self._reference_only = True
+            self.update = self._update_reference
+            log.warning("promfork: updates of %d values use the reference loop: %s", len(self._direct), exc)
+
+    def _update_reference(self, *amounts: float) -> None:
+        process = _process
+        with process.lock:
+            self._update_slow(process, amounts)
 
     @property
     def direct(self) -> bool:
@@ -355,7 +372,7 @@ class Samples:
                     bucket._value = value = bucket._value + 1.0
                     bucket._file.doubles[bucket._slot] = value
         # Every value is in a file of this process now: the fast path, for these views and slots.
-        self.update = compile_update(self, self._direct, globals(), process.layout)
+        self._make_update(process.layout)
 
     def _update_held(self, process: _Process, amounts: tuple[float, ...]) -> None:
         """``update`` while some values of this process cannot be stored. Lock held."""
@@ -397,6 +414,8 @@ def _direct_plan(children) -> tuple | None:
             bounds = tuple(getattr(child, "_upper_bounds", ()))
             buckets = tuple(getattr(child, "_buckets", ()))
             if not bounds or len(bounds) != len(buckets) or bounds[-1] != float("inf"):
+                return None
+            if any(bound != bound for bound in bounds):  # NaN: only observe()'s own scan counts as stock does
                 return None
         else:
             return None

@@ -211,3 +211,12 @@ def test_unrolled_updates_leave_new_layouts_and_held_values_to_the_reference_loo
     unrolled.compile_update(process, (), {"_process": process}, None)()  # no values: the slow path, no amounts
     assert calls == [(5,), (7,), (11,), ()] and file.doubles == [3.0]
     assert not process.lock.locked()
+
+
+def test_a_nan_bucket_bound_counts_as_with_the_stock_class(tmp_path: Path) -> None:
+    """prometheus-client accepts a NaN bucket bound: updates through Samples must count as its observe() does."""
+    run(tmp_path / "stock", "stock", "nan-bound")
+    ours = run(tmp_path / "ours", "promfork", "nan-bound")
+    assert not ours["direct"]  # through the public API, never the unrolled code or bisect
+    want, got = exposed(tmp_path / "stock"), exposed(tmp_path / "ours")
+    assert want == got and got[("odd_seconds_count",)] == 3

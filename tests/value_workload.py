@@ -105,9 +105,18 @@ def growth() -> None:
     report["series"] = 1500
 
 
+def nan_bound() -> None:
+    """A histogram whose bounds include NaN (prometheus-client accepts it), updated through Samples."""
+    odd = Histogram("odd_seconds", "Odd bounds.", buckets=(float("nan"), 1.0))
+    rows = Samples(odd)
+    for amount in (0.5, 2.0, 7.0):
+        rows.update(amount)
+    report["direct"] = rows.direct
+
+
 if scenario == "late-install":
     report["installed"] = values.install()
     report["class"] = client_values.ValueClass.__name__
 else:
-    {"mix": mix, "fork": fork, "threads": threads, "growth": growth}[scenario]()
+    {"mix": mix, "fork": fork, "threads": threads, "growth": growth, "nan-bound": nan_bound}[scenario]()
 print(json.dumps(report))
