@@ -207,7 +207,7 @@ def when_ready(server) -> None:
             sys.exit(f"promfork: cannot listen on METRICS_PORT ({where}): {exc.strerror}")
         state.server.start()
         server.log.info(
-            "promfork: master serving /metrics on http://%s:%d/metrics", *state.server.httpd.server_address[:2]
+            "promfork: master serving /metrics on http://%s:%d/metrics", *state.server.server_address[:2]
         )
 
 
