@@ -26,12 +26,12 @@ system-deps:
 	fi
 
 test: $(STAMP) system-deps
-	$(VENV)/bin/ruff check metrics webapp loadtest tests bench gunicorn.conf.py examples
+	$(VENV)/bin/ruff check metrics webapp tests bench gunicorn.conf.py examples
 	$(VENV)/bin/pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check metrics webapp loadtest tests bench gunicorn.conf.py examples
-	$(VENV)/bin/ruff format --check metrics webapp loadtest tests bench gunicorn.conf.py examples
+	$(VENV)/bin/ruff check metrics webapp tests bench gunicorn.conf.py examples
+	$(VENV)/bin/ruff format --check metrics webapp tests bench gunicorn.conf.py examples
 
 # Benchmarks print ratios measured in one run; not part of `make test`.
 bench: $(STAMP)

@@ -58,11 +58,12 @@ from prometheus_client.multiprocess import MultiProcessCollector  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from bench.master_port import SERIES_BOUNDS, start_gunicorn  # noqa: E402
-from promfork import compaction, dbfiles  # noqa: E402
-from promfork.collector import AggregatingCollector, ExpositionRegistry, LibraryMetrics  # noqa: E402
 from promfork.config import Settings  # noqa: E402
-from promfork.merge import merge_files  # noqa: E402
-from promfork.multiproc import DirectoryLock  # noqa: E402
+from promfork.directory import fileformat  # noqa: E402
+from promfork.directory.locks import DirectoryLock  # noqa: E402
+from promfork.master import compaction  # noqa: E402
+from promfork.reader.collector import AggregatingCollector, ExpositionRegistry, LibraryMetrics  # noqa: E402
+from promfork.reader.merge import merge_files  # noqa: E402
 from webapp.app import create_app  # noqa: E402
 from webapp.settings import GatewaySettings  # noqa: E402
 
@@ -101,7 +102,7 @@ def copy_files(pids: list[int], target: str) -> None:
     wanted = {str(p) for p in pids}
     os.makedirs(target, mode=0o700)
     for name in os.listdir(SOURCE):
-        parsed = dbfiles.parse_name(name)
+        parsed = fileformat.parse_name(name)
         if parsed and parsed.owner in wanted:
             shutil.copy(os.path.join(SOURCE, name), target)
 
@@ -162,7 +163,7 @@ class LiveWorkers:
             pid = 100000 + w
             for prefix, keys in (("counter", counter), ("histogram", histogram), ("gauge_livesum", gauge)):
                 path = os.path.join(directory, f"{prefix}_{pid}.db")
-                dbfiles.write_entries(path, {k: (float(random.randint(0, 9)), 0.0) for k in keys})
+                fileformat.write_entries(path, {k: (float(random.randint(0, 9)), 0.0) for k in keys})
                 self.paths.append(path)
         self.series = series
         self.label_sets = [histogram[i : i + 13] for i in range(0, len(histogram), 13)]
@@ -172,7 +173,7 @@ class LiveWorkers:
         """In `files` workers: 3% of their series change (observations touch _sum and the buckets above)."""
         for w in random.sample(range(len(self.paths) // 3), files):
             observations = max(1, self.series * 3 // 100 // 8)
-            hist = dbfiles.ValueFile(self.paths[3 * w + 1])
+            hist = fileformat.ValueFile(self.paths[3 * w + 1])
             for _ in range(observations):
                 keys = random.choice(self.label_sets)
                 value = random.randint(0, 80) / 8
@@ -181,7 +182,7 @@ class LiveWorkers:
                     if value <= bound:
                         hist.doubles[hist.slot(k)] += 1
             hist.close()
-            counts = dbfiles.ValueFile(self.paths[3 * w])
+            counts = fileformat.ValueFile(self.paths[3 * w])
             for k in random.sample(self.counter_keys, observations):
                 counts.doubles[counts.slot(k)] += 1
             counts.close()

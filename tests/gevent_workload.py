@@ -16,7 +16,7 @@ import sys
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from promfork import values  # after the env var, on purpose
+from promfork.writer import values  # after the env var, on purpose
 
 assert values.install()
 
@@ -35,13 +35,13 @@ import json  # noqa: E402
 import gevent  # noqa: E402
 from prometheus_client import Counter  # noqa: E402
 
-from promfork import dbfiles  # noqa: E402
+from promfork.directory import fileformat  # noqa: E402
 
 faulthandler.dump_traceback_later(2, exit=True)
 requests = Counter("requests", "Requests.", ["route"], registry=None)
 hello = requests.labels("/hello")  # a bound child, as promfork's HTTP recorder keeps them
 hello.inc()
-slot = dbfiles.ValueFile.slot
+slot = fileformat.ValueFile.slot
 
 
 def no_room_for_new_series(self, key):
@@ -50,7 +50,7 @@ def no_room_for_new_series(self, key):
     return slot(self, key)
 
 
-dbfiles.ValueFile.slot = no_room_for_new_series
+fileformat.ValueFile.slot = no_room_for_new_series
 finished = []
 
 

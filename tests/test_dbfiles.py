@@ -1,6 +1,6 @@
 """The multiprocess file format, pinned to the installed prometheus-client.
 
-promfork writes the workers' files itself (dbfiles.ValueFile) and reads and folds
+promfork writes the workers' files itself (fileformat.ValueFile) and reads and folds
 them in compaction. If a prometheus-client upgrade changes the layout, these tests
 fail instead of totals silently going wrong.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
-from promfork import dbfiles
+from promfork.directory import fileformat
 
 
 def keys(count: int) -> list[str]:
@@ -35,7 +35,7 @@ def write_stock(path: Path, writes: list[tuple[str, float, float]]) -> None:
 
 
 def write_promfork(path: Path, writes: list[tuple[str, float, float]]) -> None:
-    store = dbfiles.ValueFile(str(path))
+    store = fileformat.ValueFile(str(path))
     try:
         for key, value, timestamp in writes:
             slot = store.slot(key)
@@ -62,7 +62,7 @@ def test_value_file_continues_a_file_prometheus_client_started(tmp_path: Path) -
     path = tmp_path / "counter_3.db"
     first, later = keys(300)[:200], keys(300)[200:]
     write_stock(path, [(key, float(n), 0.0) for n, key in enumerate(first)])
-    store = dbfiles.ValueFile(str(path))
+    store = fileformat.ValueFile(str(path))
     try:
         for n, key in enumerate(first):
             slot = store.slot(key)
@@ -74,15 +74,15 @@ def test_value_file_continues_a_file_prometheus_client_started(tmp_path: Path) -
         store.close()
     read_back = {key: value for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path))}
     assert read_back == {**{key: n + 0.5 for n, key in enumerate(first)}, **dict.fromkeys(later, 7.0)}
-    assert dbfiles.read_entries(str(path)) == {key: (value, 0.0) for key, value in read_back.items()}
+    assert fileformat.read_entries(str(path)) == {key: (value, 0.0) for key, value in read_back.items()}
 
 
 def test_value_written_is_visible_to_a_reader_before_the_writer_closes(tmp_path: Path) -> None:
-    store = dbfiles.ValueFile(str(tmp_path / "counter_4.db"))
+    store = fileformat.ValueFile(str(tmp_path / "counter_4.db"))
     try:
         slot = store.slot(keys(1)[0])
         store.doubles[slot] = 12.5
-        assert dbfiles.read_entries(str(tmp_path / "counter_4.db")) == {keys(1)[0]: (12.5, 0.0)}
+        assert fileformat.read_entries(str(tmp_path / "counter_4.db")) == {keys(1)[0]: (12.5, 0.0)}
     finally:
         store.close()
 
@@ -97,14 +97,14 @@ def test_value_written_is_visible_to_a_reader_before_the_writer_closes(tmp_path:
 def test_value_file_refuses_a_damaged_file(tmp_path: Path, damage: bytes) -> None:
     path = tmp_path / "counter_5.db"
     path.write_bytes(damage)
-    with pytest.raises(dbfiles.CorruptFile, match=r"counter_5\.db"):
-        dbfiles.ValueFile(str(path))
+    with pytest.raises(fileformat.CorruptFile, match=r"counter_5\.db"):
+        fileformat.ValueFile(str(path))
 
 
 def test_value_file_creates_files_with_the_process_umask(tmp_path: Path) -> None:
     old = os.umask(0o077)
     try:
-        dbfiles.ValueFile(str(tmp_path / "gauge_livesum_6.db")).close()
+        fileformat.ValueFile(str(tmp_path / "gauge_livesum_6.db")).close()
     finally:
         os.umask(old)
     assert (tmp_path / "gauge_livesum_6.db").stat().st_mode & 0o777 == 0o600

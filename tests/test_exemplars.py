@@ -21,9 +21,9 @@ import pytest
 from conftest import ROOT, ExampleServer, clean_env, request, scrape, wait_until
 from exemplar_support import CHAT, ExemplarPrometheus, SentTrace, new_trace, traced_chat
 
-from promfork import exemplars
-from promfork.multiproc import wipe_stale_files
-from promfork.trace import bind, current_trace, parse_traceparent, request_trace, unbind
+from promfork.directory.locks import wipe_stale_files
+from promfork.http.trace import bind, current_trace, parse_traceparent, request_trace, unbind
+from promfork.writer import exemplars
 
 CHAT_BUCKET = (
     "http_request_duration_seconds_bucket",
@@ -110,11 +110,11 @@ def test_a_reader_never_sees_a_torn_exemplar(mpdir):
     writer = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent("""
             import sys, time
-            from promfork import values
+            from promfork.writer import values
             values.install()
             from prometheus_client import Histogram
-            from promfork.exemplars import record_trace
-            from promfork.trace import TraceContext
+            from promfork.writer.exemplars import record_trace
+            from promfork.http.trace import TraceContext
             h = Histogram("torn_seconds", "d", ["k"], buckets=(1.0,))
             traces = [TraceContext(f"{i:08x}" * 4, f"{i:08x}" * 2) for i in range(1, 65)]
             deadline = time.monotonic() + 3
@@ -152,13 +152,13 @@ def test_an_exemplar_that_cannot_be_stored_is_counted_and_never_fails_the_caller
     # The file's name is taken by a directory: opening it fails as a full disk would.
     code = """
         import os
-        from promfork import values
+        from promfork.writer import values
         values.install()
         from prometheus_client import Histogram
-        from promfork.collector import library_metrics
+        from promfork.reader.collector import library_metrics
         from promfork.config import load_settings
-        from promfork.exemplars import file_name, record_trace
-        from promfork.trace import TraceContext
+        from promfork.writer.exemplars import file_name, record_trace
+        from promfork.http.trace import TraceContext
         library_metrics(load_settings())
         os.mkdir(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], file_name(os.getpid())))
         h = Histogram("blocked_seconds", "d", buckets=(1.0,))
@@ -182,13 +182,13 @@ def test_an_exemplar_that_cannot_be_written_costs_only_itself(mpdir):
     # dropped exemplar, while the file and the bucket's earlier exemplar stay readable.
     code = """
         import os
-        from promfork import values
+        from promfork.writer import values
         values.install()
         from prometheus_client import Histogram
-        from promfork.collector import library_metrics
+        from promfork.reader.collector import library_metrics
         from promfork.config import load_settings
-        from promfork.exemplars import record_trace
-        from promfork.trace import TraceContext
+        from promfork.writer.exemplars import record_trace
+        from promfork.http.trace import TraceContext
         library_metrics(load_settings())
         h = Histogram("kept_seconds", "d", ["path"], buckets=(1.0,))
         h.labels("/a").observe(0.5)
@@ -213,11 +213,11 @@ def test_exemplar_keys_name_the_bucket_lines_stock_prometheus_client_reads(mpdir
     # An app's own histogram, recorded both ways the gateway can call it, on buckets
     # whose "le" spelling is not obvious (1e3 -> "1000.0", 2.5e-05).
     code = """
-        from promfork import values
+        from promfork.writer import values
         values.install()
         from prometheus_client import Histogram
-        from promfork import exemplars
-        from promfork.trace import bind, parse_traceparent
+        from promfork.writer import exemplars
+        from promfork.http.trace import bind, parse_traceparent
         h = Histogram("gw_op_seconds", "d", ["provider", "model"], buckets=(2.5e-05, 0.1, 1, 1e3))
         bind(parse_traceparent("00-%s-%s-01"))
         for value in (0.00001, 0.5, 7.0):
@@ -320,11 +320,11 @@ def test_compaction_never_takes_the_exemplar_file_of_a_live_process(mpdir):
     writer = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent("""
             import sys
-            from promfork import values
+            from promfork.writer import values
             values.install()
             from prometheus_client import Histogram
-            from promfork.exemplars import record_trace
-            from promfork.trace import TraceContext
+            from promfork.writer.exemplars import record_trace
+            from promfork.http.trace import TraceContext
             h = Histogram("alive_seconds", "d", buckets=(1.0,))
             h.observe(0.5)
             record_trace(h, (), 0.5, TraceContext("ab" * 16, "cd" * 8))

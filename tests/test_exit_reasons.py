@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry
 
-from promfork import gunicorn as hooks
 from promfork.config import Settings
+from promfork.master import hooks
 
 
 @pytest.fixture

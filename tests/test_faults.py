@@ -543,7 +543,7 @@ class Load:
 @contextlib.contextmanager
 def slow_reader(directory: Path) -> Iterator[None]:
     """Hold the files lock shared, as a slow scrape does: compaction has to wait meanwhile."""
-    from promfork.multiproc import DirectoryLock
+    from promfork.directory.locks import DirectoryLock
 
     with DirectoryLock(str(directory)).hold(exclusive=False, timeout=30):
         yield

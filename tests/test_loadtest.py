@@ -229,7 +229,7 @@ def test_mix_is_deterministic_and_weighted():
 
 
 def test_locustfile_uses_the_shared_mix():
-    source = (ROOT / "loadtest" / "locustfile.py").read_text()
+    source = (ROOT / "metrics" / "promfork" / "loadtest" / "locustfile.py").read_text()
     compile(source, "locustfile.py", "exec")
     assert "from promfork.loadtest.mix import" in source
 

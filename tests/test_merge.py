@@ -1,4 +1,4 @@
-"""promfork.merge: the values and sample order of prometheus-client's MultiProcessCollector, valid OpenMetrics."""
+"""reader.merge: the values and sample order of prometheus-client's MultiProcessCollector, valid OpenMetrics."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from promfork.merge import merge_files
+from promfork.reader.merge import merge_files
 
 BOUNDS = ("0.1", "1.0", "+Inf")
 

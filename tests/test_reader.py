@@ -1,12 +1,12 @@
-"""The long-lived reader (promfork.reader) answers what stock prometheus-client reads from the same files.
+"""The long-lived reader (promfork.reader.incremental) answers what stock prometheus-client reads from the same files.
 
 Truth is stock ``MultiProcessCollector.merge`` over the same files in the same
 (sorted) order, and a new reader over the same directory: a reader kept across
 scrapes must give, byte for byte, what a new one gives, whatever changed in
 between (values, new keys, new files, files vanishing or rewritten under the
 same name, damage). Files are written byte for byte in prometheus-client's
-format: in place through promfork's writer (``dbfiles.ValueFile``, as a live
-worker writes) or whole (``dbfiles.write_entries``, as compaction writes
+format: in place through promfork's writer (``fileformat.ValueFile``, as a live
+worker writes) or whole (``fileformat.write_entries``, as compaction writes
 archives). Values are small dyadic numbers, so every order of addition gives
 the same float and stock's plain ``+`` is the truth; inf and nan included.
 """
@@ -37,12 +37,13 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 from prometheus_client.samples import Exemplar
 
-from promfork import compaction, dbfiles
-from promfork.collector import AggregatingCollector, ExpositionRegistry, LibraryMetrics
 from promfork.config import Settings
-from promfork.exposition import make_metrics_app
-from promfork.multiproc import DirectoryLock
-from promfork.reader import IncrementalReader
+from promfork.directory import fileformat
+from promfork.directory.locks import DirectoryLock
+from promfork.master import compaction
+from promfork.reader.collector import AggregatingCollector, ExpositionRegistry, LibraryMetrics
+from promfork.reader.exposition import make_metrics_app
+from promfork.reader.incremental import IncrementalReader
 
 TEXT = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -96,7 +97,7 @@ PREFIXES = ["counter", "histogram", "summary"] + [f"gauge_{m}" for m in MODES]
 
 def set_value(directory: Path, name: str, entry: str, value: float, timestamp: float = 0.0) -> None:
     """Store one value in place, as a live worker does (the key is appended first if the file lacks it)."""
-    written = dbfiles.ValueFile(str(directory / name))
+    written = fileformat.ValueFile(str(directory / name))
     try:
         written.set(written.slot(entry), value, timestamp)
     finally:
@@ -160,9 +161,9 @@ def fill(directory: Path, owners: list[str], value_of) -> None:
 def test_a_new_reader_agrees_with_stock_sample_for_sample_in_both_formats(mpdir: Path):
     fill(mpdir, ["101", "102", "103"], lambda owner, prefix, i: float(int(owner) % 7 + i) / 4)
     archive = {counter_key("a"): (40.0, 0.0), histogram_keys("x")[1]: (3.0, 0.0), histogram_keys("x")[0]: (2.5, 0.0)}
-    dbfiles.write_entries(str(mpdir / "counter_archive.db"), {counter_key("a"): (40.0, 0.0)})
-    dbfiles.write_entries(str(mpdir / "histogram_archive.db"), {k: v for k, v in archive.items() if "lat" in k})
-    dbfiles.write_entries(str(mpdir / "counter_90-777.db"), {counter_key("c"): (5.0, 0.0)})
+    fileformat.write_entries(str(mpdir / "counter_archive.db"), {counter_key("a"): (40.0, 0.0)})
+    fileformat.write_entries(str(mpdir / "histogram_archive.db"), {k: v for k, v in archive.items() if "lat" in k})
+    fileformat.write_entries(str(mpdir / "counter_90-777.db"), {counter_key("c"): (5.0, 0.0)})
     text = render(IncrementalReader(str(mpdir)), mpdir)
     assert parsed_text_samples(text) == stock_samples(mpdir)
     om = render(IncrementalReader(str(mpdir)), mpdir, OPENMETRICS)
@@ -174,13 +175,13 @@ def test_a_new_reader_agrees_with_stock_sample_for_sample_in_both_formats(mpdir:
 
 
 class _WholeMerge:
-    """promfork.merge.merge_files over the directory: the exposition promfork served before the reader."""
+    """promfork.reader.merge.merge_files over the directory: the exposition promfork served before the reader."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
     def collect(self):
-        from promfork.merge import merge_files
+        from promfork.reader.merge import merge_files
 
         return merge_files(sorted(str(p) for p in self.directory.glob("*.db")))[0]
 
@@ -239,17 +240,17 @@ def apply(directory: Path, op: tuple, step: int, damaged: set[str]) -> None:
     if action == "set":
         entry = entries[op[3] % len(entries)]
         if owner == "archive":
-            old = dbfiles.read_entries(str(path)) if path.exists() else {}
+            old = fileformat.read_entries(str(path)) if path.exists() else {}
             old[entry] = (fitting(entry, op[4]), 0.0)
-            dbfiles.write_entries(str(path), old)  # compaction writes archives whole, under a new inode
+            fileformat.write_entries(str(path), old)  # compaction writes archives whole, under a new inode
         else:
             set_value(directory, name, entry, fitting(entry, op[4]), 200.0 + step)
     elif action == "drop":
         path.unlink(missing_ok=True)
     elif action == "rewrite" and path.exists():
-        old = dbfiles.read_entries(str(path))
+        old = fileformat.read_entries(str(path))
         rewritten = {k: (v + 1.0, ts) for k, (v, ts) in reversed(list(old.items()))}  # other offsets, same name
-        dbfiles.write_entries(str(path), rewritten)
+        fileformat.write_entries(str(path), rewritten)
     elif action == "damage" and path.exists():
         with open(path, "r+b") as f:
             f.write(b"\xff\xff\xff\x7f")  # "used" far past the end
@@ -345,7 +346,7 @@ def test_exemplars_are_appended_to_their_bucket_lines_in_openmetrics_only(mpdir:
         calls.append(directory)
         return lookup
 
-    monkeypatch.setattr("promfork.exemplars.read_exemplars", read_exemplars)
+    monkeypatch.setattr("promfork.writer.exemplars.read_exemplars", read_exemplars)
     registry = ExpositionRegistry(AggregatingCollector(str(mpdir), library(), {"service": "gw"}))
     body, _content_type = registry.exposition("application/openmetrics-text")
     assert calls == [str(mpdir)]
@@ -434,7 +435,7 @@ def test_promtool_accepts_a_kept_readers_exposition_after_changes(mpdir: Path):
 def test_archive_remainders_count_in_a_kept_reader_as_in_a_new_one(mpdir: Path):
     # 1 + 2**-53 + 2**-53 is 1 + 2**-52 exactly; stock ignores the remainder and rounds 1 + 2**-53 down to 1.
     tiny = 2.0**-53
-    dbfiles.write_entries(str(mpdir / "counter_archive.db"), {counter_key("a"): (1.0, tiny)})
+    fileformat.write_entries(str(mpdir / "counter_archive.db"), {counter_key("a"): (1.0, tiny)})
     set_value(mpdir, "counter_101.db", counter_key("a"), 0.0)
     kept = IncrementalReader(str(mpdir))
     render(kept, mpdir)
@@ -471,7 +472,7 @@ def test_a_file_growing_under_a_live_writer_never_reads_as_damaged(tmp_path):
             sys.executable,
             "-c",
             "import sys\n"
-            "from promfork.dbfiles import ValueFile\n"
+            "from promfork.directory.fileformat import ValueFile\n"
             "f = ValueFile(sys.argv[1])\n"
             "for i in range(40000):\n"
             '    f.set(f.slot(\'["h", "h_bucket", {"le": "%d"}, "help"]\' % i), 1.0, 0.0)\n',
@@ -482,13 +483,13 @@ def test_a_file_growing_under_a_live_writer_never_reads_as_damaged(tmp_path):
     try:
         while writer.poll() is None:
             if path.exists() and path.stat().st_size > 0:  # past creation (the collector allows for that instant)
-                dbfiles.read_snapshot(str(path))  # raises CorruptFile on a false alarm
+                fileformat.read_snapshot(str(path))  # raises CorruptFile on a false alarm
                 reads += 1
     finally:
         writer.kill()
         writer.wait()
     assert writer.returncode == 0 and reads > 100
-    assert len(dbfiles.index_entries(dbfiles.read_snapshot(str(path)).data)[0]) == 40000
+    assert len(fileformat.index_entries(fileformat.read_snapshot(str(path)).data)[0]) == 40000
 
 
 def test_a_damaged_file_a_live_process_holds_open_is_never_moved_away(mpdir: Path):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from promfork.server import Limits, MetricsServer
+from promfork.reader.listener import Limits, MetricsServer
 
 BODY = b"# HELP up x\n# TYPE up gauge\nup 1.0\n"
 

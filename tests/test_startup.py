@@ -15,7 +15,7 @@ import pytest
 from conftest import GUNICORN, ROOT, clean_env, free_port, request, value, wait_until
 
 from promfork.config import ConfigError, load_settings
-from promfork.multiproc import MasterLease, MultiprocDirError, ensure_directory, wipe_stale_files
+from promfork.directory.locks import MasterLease, MultiprocDirError, ensure_directory, wipe_stale_files
 
 
 @pytest.mark.parametrize(
@@ -148,7 +148,7 @@ def test_private_directory_is_removed_when_the_master_exits(tmp_path: Path):
     assert _private_dirs() == before
     # With a private directory the variable is exported by gunicorn.conf.py itself: the fast
     # value store must still be in place before anything imports prometheus_client.
-    assert b"metric values stored by promfork.values.MmapValue" in proc.stderr.read()
+    assert b"metric values stored by promfork.writer.values.MmapValue" in proc.stderr.read()
 
 
 def _answers(port: int) -> bool:
@@ -175,7 +175,7 @@ def test_workers_write_through_promfork_value_store(gunicorn_factory):
     server = gunicorn_factory(workers=2)
     for _ in range(20):
         assert request("GET", server.port, "/v1/models")[0] == 200
-    assert "metric values stored by promfork.values.MmapValue" in server.log()
+    assert "metric values stored by promfork.writer.values.MmapValue" in server.log()
     assert value(server.scrape(), "http_requests_total", method="GET", route="/v1/models", status="200") == 20
 
 
@@ -195,7 +195,7 @@ def test_metrics_made_before_prepare_environment_keep_the_stock_store_and_stay_e
     for _ in range(20):
         assert request("GET", server.port, "/v1/models")[0] == 200
     assert "its own, slower value store stays in use" in server.log()
-    assert "stored by promfork.values.MmapValue" not in server.log()
+    assert "stored by promfork.writer.values.MmapValue" not in server.log()
     assert value(server.scrape(), "http_requests_total", method="GET", route="/v1/models", status="200") == 20
 
 
@@ -203,7 +203,7 @@ def test_import_order_check_in_a_plain_process(tmp_path: Path):
     code = (
         "import os, prometheus_client\n"
         f"os.environ['PROMETHEUS_MULTIPROC_DIR'] = {str(tmp_path)!r}\n"
-        "from promfork.multiproc import ensure_multiprocess_mode\n"
+        "from promfork.directory.locks import ensure_multiprocess_mode\n"
         "ensure_multiprocess_mode()\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(), capture_output=True, text=True)

@@ -23,9 +23,10 @@ import pytest
 from prometheus_client.mmap_dict import mmap_key
 from test_compaction import compact_all, promfork_view, run_dead_workers, stock_view, without_live_and_all
 
-from promfork import compaction, dbfiles
 from promfork.config import load_settings
-from promfork.multiproc import DirectoryLock
+from promfork.directory import fileformat
+from promfork.directory.locks import DirectoryLock
+from promfork.master import compaction
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,11 +70,11 @@ def tmpfs(tmp_path: Path):
 
 def test_value_file_on_a_full_disk_raises_enospc_instead_of_sigbus(tmpfs):
     mountpoint, directory = tmpfs
-    grown = dbfiles.ValueFile(str(directory / "counter_1.db"))
+    grown = fileformat.ValueFile(str(directory / "counter_1.db"))
     fill(mountpoint)
     try:
         with pytest.raises(OSError) as created:
-            dbfiles.ValueFile(str(directory / "counter_2.db"))
+            fileformat.ValueFile(str(directory / "counter_2.db"))
         assert created.value.errno == errno.ENOSPC
         keys = [mmap_key("c_total", "c_total", ["n"], [str(n)], "C.") for n in range(2000)]
         slots = []
@@ -85,7 +86,7 @@ def test_value_file_on_a_full_disk_raises_enospc_instead_of_sigbus(tmpfs):
         grown.doubles[slots[0]] = 5.0  # slots handed out before stay writable
     finally:
         grown.close()
-    entries = dbfiles.read_entries(str(directory / "counter_1.db"))
+    entries = fileformat.read_entries(str(directory / "counter_1.db"))
     assert len(entries) == len(slots) and entries[keys[0]] == (5.0, 0.0)
 
 
@@ -93,7 +94,7 @@ def test_archive_write_on_a_full_disk_fails_cleanly(tmpfs):
     mountpoint, directory = tmpfs
     fill(mountpoint)
     with pytest.raises(OSError):
-        dbfiles.write_entries(str(directory / "counter_archive.db.new"), {"k": (1.0, 0.0)})
+        fileformat.write_entries(str(directory / "counter_archive.db.new"), {"k": (1.0, 0.0)})
     assert not (directory / "counter_archive.db.new").exists()
 
 
@@ -101,10 +102,10 @@ VALUE_STORE_UNDER_FULL_DISK = """
 import json, os, sys, time
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
 filler = sys.argv[2]
-from promfork import values
+from promfork.writer import values
 assert values.install()
 from prometheus_client import Counter, Gauge, Histogram
-from promfork.values import Samples
+from promfork.writer.values import Samples
 errors = Counter("metrics_write_errors_total", "Errors.")
 values.report_write_errors_to(errors)
 requests = Counter("requests_total", "Requests.", ["route"])
@@ -186,7 +187,7 @@ def test_compaction_on_a_full_disk_keeps_totals_and_catches_up(tmpfs):
     filler.unlink()
     compact_all(directory)
     assert without_live_and_all(promfork_view(directory)) == without_live_and_all(before)
-    assert all(dbfiles.parse_name(p.name).owner == dbfiles.ARCHIVE for p in directory.glob("*.db"))
+    assert all(fileformat.parse_name(p.name).owner == fileformat.ARCHIVE for p in directory.glob("*.db"))
 
 
 def test_compactor_thread_retries_until_the_disk_has_room(tmpfs):
@@ -218,8 +219,8 @@ def test_compactor_thread_retries_until_the_disk_has_room(tmpfs):
 
 HOLD_FILE = """
 import sys, time
-from promfork import dbfiles
-store = dbfiles.ValueFile(sys.argv[1])
+from promfork.directory import fileformat
+store = fileformat.ValueFile(sys.argv[1])
 store.doubles[store.slot(sys.argv[2])] += 5.0
 print("open", flush=True)
 sys.stdin.readline()
@@ -262,12 +263,12 @@ def test_a_writer_that_opens_a_file_during_its_compaction_gets_a_new_file(mpdir:
     directory = mpdir
     wrote = run_dead_workers(directory, 1)
     path = str(directory / f"counter_{wrote[0]['pid']}.db")
-    claimed = dbfiles.claim(path)
+    claimed = fileformat.claim(path)
     assert claimed is not None
     opened = {}
 
     def open_it():
-        store = dbfiles.ValueFile(path, lock_wait=10)
+        store = fileformat.ValueFile(path, lock_wait=10)
         opened["entries"] = dict(store._slots)
         store.close()
 
@@ -286,7 +287,7 @@ def test_crash_after_retiring_loses_and_doubles_nothing(mpdir: Path):
     run_dead_workers(directory, 4)
     expected = promfork_view(directory)
     crash = (
-        "import os\nfrom promfork import compaction\n"
+        "import os\nfrom promfork.master import compaction\n"
         "compaction._step = lambda name: os._exit(17) if name == 'retired' else None\n"
         f"compaction.compact_dead_workers({str(directory)!r}, compaction.pids_with_files({str(directory)!r}))\n"
     )
@@ -310,7 +311,7 @@ def test_dropping_all_mode_gauges_is_logged_once_per_gauge(mpdir: Path, caplog):
         for w in run_dead_workers(directory, 2, first=batch * 2):
             compactor.worker_died(w["pid"])
             dead.append(w["pid"])
-        with caplog.at_level(logging.WARNING, logger="promfork.compaction"):
+        with caplog.at_level(logging.WARNING, logger="promfork.master.compaction"):
             compactor.run_once()
     warnings = [r.getMessage() for r in caplog.records if "multiprocess_mode='all'" in r.getMessage()]
     assert len(warnings) == 1 and "temp_all" in warnings[0] and "livesum" in warnings[0]
@@ -322,7 +323,7 @@ def test_an_all_zero_file_reads_as_empty_as_in_prometheus_client(mpdir: Path):
     run_dead_workers(directory, 1)
     (directory / "counter_4000001.db").write_bytes(bytes(65536))  # created, never written; owner gone
     expected = stock_view(directory)
-    assert dbfiles.read_entries(str(directory / "counter_4000001.db")) == {}
+    assert fileformat.read_entries(str(directory / "counter_4000001.db")) == {}
     assert promfork_view(directory) == expected
     result = compact_all(directory)
     assert result.quarantined == [] and not (directory / "quarantine").exists()
@@ -331,8 +332,8 @@ def test_an_all_zero_file_reads_as_empty_as_in_prometheus_client(mpdir: Path):
 def test_a_file_of_odd_size_is_damage_not_a_type_error(tmp_path: Path):
     path = tmp_path / "counter_7.db"
     path.write_bytes(b"\x08" + bytes(65536))
-    with pytest.raises(dbfiles.CorruptFile, match="multiple of 8"):
-        dbfiles.ValueFile(str(path))
+    with pytest.raises(fileformat.CorruptFile, match="multiple of 8"):
+        fileformat.ValueFile(str(path))
 
 
 def test_the_lowercase_variable_is_honoured_with_a_deprecation_warning(caplog):
@@ -347,17 +348,18 @@ HELD_ON_TOP_OF_A_CONTINUED_FILE = """
 import os, sys, time
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
 from prometheus_client.mmap_dict import mmap_key
-from promfork import dbfiles, values
+from promfork.directory import fileformat
+from promfork.writer import values
 assert values.install()
 path = os.path.join(sys.argv[1], f"counter_{os.getpid()}.db")
-earlier = dbfiles.ValueFile(path)  # a dead process with this pid counted 5
+earlier = fileformat.ValueFile(path)  # a dead process with this pid counted 5
 earlier.doubles[earlier.slot(mmap_key("jobs", "jobs_total", [], [], "Jobs."))] = 5.0
 earlier.close()
-claimed = dbfiles.claim(path)  # compaction holds it while this process starts
+claimed = fileformat.claim(path)  # compaction holds it while this process starts
 from prometheus_client import Counter
 jobs = Counter("jobs", "Jobs.")  # cannot open its file for a second: held in memory
 jobs.inc(2)
-dbfiles.release(claimed)  # compaction left it (it saw a live pid)
+fileformat.release(claimed)  # compaction left it (it saw a live pid)
 time.sleep(values.RETRY_INTERVAL + 0.1)
 jobs.inc(1)
 print(jobs._value.get())

@@ -25,7 +25,7 @@ import upstream_adapter
 from prometheus_client import values as stock_values
 from upstream_adapter import NOT_APPLICABLE
 
-from promfork import values
+from promfork.writer import values
 
 UPSTREAM_FILE = "tests/test_multiprocess.py"
 

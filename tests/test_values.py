@@ -1,4 +1,4 @@
-"""promfork.values: promfork's value store must be indistinguishable from prometheus-client's, only faster.
+"""promfork.writer.values: promfork's value store must be indistinguishable from prometheus-client's, only faster.
 
 Each scenario runs in a fresh interpreter (tests/value_workload.py), once with
 prometheus-client's own multiprocess value class and once with MmapValue; the
@@ -21,8 +21,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from promfork import unrolled
-from promfork.values import Samples
+from promfork.writer import unrolled
+from promfork.writer.values import Samples
 
 HERE = Path(__file__).resolve().parent
 

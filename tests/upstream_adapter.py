@@ -8,20 +8,20 @@ stock's multiprocess machinery:
 * ``MultiProcessValue(process_identifier)``: a class of promfork's ``MmapValue``
   that stores as the (fake) process ``process_identifier()`` names;
 * ``get_value_class()``: that class for this process once PROMETHEUS_MULTIPROC_DIR
-  is set, as ``promfork.values.install()`` decides;
+  is set, as ``promfork.writer.values.install()`` decides;
 * ``MultiProcessCollector``: stock's constructor contract, collecting through
-  promfork's ``AggregatingCollector`` and merging through ``promfork.merge``;
+  promfork's ``AggregatingCollector`` and merging through ``promfork.reader.merge``;
 * ``mark_process_dead``: promfork's compaction of the dead pid.
 
 Upstream simulates processes inside one interpreter, by pid. Here each fake pid
-has its own ``promfork.values._Process`` (its files and their writer locks), all
+has its own ``promfork.writer.values._Process`` (its files and their writer locks), all
 open at once as live processes' would be; MmapValue follows a change of
-``promfork.values._process`` as it follows a fork. A process marked dead closes
+``promfork.writer.values._process`` as it follows a fork. A process marked dead closes
 its files first: a dead process holds no locks, and compaction folds only
 unlocked files.
 
 ``TestMmapedDict`` runs unchanged: it tests prometheus-client's ``MmapedDict``,
-whose reader promfork reads every file with (``promfork.dbfiles.read_entries``).
+whose reader promfork reads every file with (``promfork.directory.fileformat.read_entries``).
 Cases that cannot pass against promfork are in ``NOT_APPLICABLE``, with why.
 """
 
@@ -40,11 +40,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import values as stock_values
 from prometheus_client.multiprocess import MultiProcessCollector as StockCollector
 
-from promfork import compaction, values
-from promfork.collector import AggregatingCollector, LibraryMetrics
 from promfork.config import Settings, load_settings
-from promfork.merge import merge_files
-from promfork.multiproc import DirectoryLock
+from promfork.directory.locks import DirectoryLock
+from promfork.master import compaction
+from promfork.reader.collector import AggregatingCollector, LibraryMetrics
+from promfork.reader.merge import merge_files
+from promfork.writer import values
 
 NOT_APPLICABLE: dict[str, str] = {
     "TestMultiProcess.test_gauge_all": (

@@ -3,7 +3,7 @@
     python tests/value_workload.py DIR STORE SCENARIO
 
 STORE is ``stock`` (prometheus-client's own multiprocess value class) or
-``promfork`` (promfork.values.MmapValue, installed before any metric exists).
+``promfork`` (promfork.writer.values.MmapValue, installed before any metric exists).
 A fresh interpreter per run: the value class is chosen once per process.
 """
 
@@ -16,7 +16,7 @@ directory, store, scenario = sys.argv[1:4]
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from promfork import values  # noqa: E402 (after the env var, on purpose)
+from promfork.writer import values  # noqa: E402 (after the env var, on purpose)
 
 if scenario == "late-install":  # a stock value exists before install() is asked
     from prometheus_client import Counter
@@ -28,7 +28,7 @@ elif store == "promfork":
 from prometheus_client import Counter, Gauge, Histogram, Summary  # noqa: E402
 from prometheus_client import values as client_values  # noqa: E402
 
-from promfork.values import Samples  # noqa: E402
+from promfork.writer.values import Samples  # noqa: E402
 
 GAUGE_MODES = ("all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum", "mostrecent", "livemostrecent")
 report: dict = {"pid": os.getpid(), "class": client_values.ValueClass.__name__}

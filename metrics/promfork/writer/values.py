@@ -5,7 +5,7 @@ through one class, chosen when the library is first imported. Its multiprocess
 class asks the kernel for the process id on every update (to notice a fork) and
 goes through several calls before the 16 bytes reach the file; that is most of
 the cost of an update, paid a dozen times per request. ``MmapValue`` keeps the
-same files, keys and layout (``promfork.dbfiles.ValueFile``), so every reader,
+same files, keys and layout (``promfork.directory.fileformat.ValueFile``), so every reader,
 the stock ``MultiProcessCollector`` included, sees no difference, and:
 
 * learns about a fork from ``os.register_at_fork`` instead of a syscall per update;
@@ -37,10 +37,10 @@ import threading
 import time
 from bisect import bisect_left
 
-from promfork.dbfiles import CorruptFile, ValueFile, parse_name
-from promfork.unrolled import compile_update
+from promfork.directory.fileformat import CorruptFile, ValueFile, parse_name
+from promfork.writer.unrolled import compile_update
 
-log = logging.getLogger("promfork.values")
+log = logging.getLogger("promfork.writer.values")
 
 RETRY_INTERVAL = 1.0  # seconds between attempts to store values again
 LOG_INTERVAL = 60.0  # seconds between two "cannot store" lines of one process
@@ -59,7 +59,7 @@ class _Process:
         self.logged_at: float | None = None
         self.retrying = False  # a thread is storing what is held
         # Replaced whenever a file of this process is remapped or a value moves: update
-        # functions (promfork.unrolled) holding views and slots from before then take the slow path.
+        # functions (promfork.writer.unrolled) holding views and slots from before then take the slow path.
         self.layout = object()
 
     def file(self, prefix: str) -> ValueFile:
@@ -72,12 +72,14 @@ class _Process:
         if found is None:
             directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
             if not directory:
-                raise RuntimeError("PROMETHEUS_MULTIPROC_DIR is not set; promfork.values needs it in every process")
+                raise RuntimeError(
+                    "PROMETHEUS_MULTIPROC_DIR is not set; promfork's value store needs it in every process"
+                )
             name = f"{prefix}_{self.pid}.db"
             try:
                 found = ValueFile(os.path.join(directory, name))
             except CorruptFile as exc:
-                from promfork.compaction import quarantine
+                from promfork.master.compaction import quarantine
 
                 quarantine(directory, name, str(exc))
                 found = ValueFile(os.path.join(directory, name))
@@ -311,7 +313,7 @@ class Samples:
     live in MmapValue, through the public API otherwise. Amounts are not checked:
     counters take non-negative amounts only, as with ``inc``; one amount per child.
 
-    ``update`` is made for this plan's shape by ``promfork.unrolled`` (the loop
+    ``update`` is made for this plan's shape by ``promfork.writer.unrolled`` (the loop
     below, unrolled: most of what a request costs is here), for the files and
     slots its values have in this process. The loop in ``_update_slow`` is the
     reference and serves first use, forks, remapped files and values held in

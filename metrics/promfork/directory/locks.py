@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from promfork.exemplars import is_exemplar_file
+from promfork.writer.exemplars import is_exemplar_file
 
 MASTERS_LOCK = ".masters.lock"
 FILES_LOCK = ".files.lock"

@@ -48,10 +48,10 @@ def build_catalogue(*definers: Callable[[CollectorRegistry, Settings], None]) ->
     A definer creates an application's metrics in the registry it is handed (the
     gateway's is ``webapp.catalogue``); the library never imports an application.
     """
-    from promfork.collector import LibraryMetrics
-    from promfork.gunicorn import _Lifecycle
-    from promfork.http import HttpRecorder
-    from promfork.process import MASTER, WorkerProcessCollector, record_slot
+    from promfork.http.recorder import HttpRecorder
+    from promfork.master.hooks import _Lifecycle
+    from promfork.reader.collector import LibraryMetrics
+    from promfork.reader.process import MASTER, WorkerProcessCollector, record_slot
 
     settings = Settings()
     registry = CollectorRegistry()

@@ -1,12 +1,12 @@
 """The long-lived reader of a multiprocess directory: what it parsed, merged and rendered, kept between scrapes.
 
-``promfork.merge.merge_files`` re-reads and re-parses every file and rebuilds
+``promfork.reader.merge.merge_files`` re-reads and re-parses every file and rebuilds
 every sample on every scrape, and formatting them costs about as much again.
 This reader keeps, for as long as its process serves scrapes:
 
 * per file (by name, inode and device): the bytes read last time, each
   entry's parsed key and value offset, and its entries grouped by family. A
-  scrape reads each file's used bytes once (``dbfiles.read_snapshot``);
+  scrape reads each file's used bytes once (``fileformat.read_snapshot``);
   identical bytes cost one comparison; otherwise blocks are compared and the
   entries in differing blocks checked, entries past the previous end parsed
   (files are append-only). A file whose keys changed under the same name and
@@ -18,7 +18,7 @@ This reader keeps, for as long as its process serves scrapes:
   each line's prefix up to the value.
 
 A family whose entries came or went (a new worker, a new series, compaction)
-is merged whole by ``promfork.merge.FamilyMerge``, exactly as ``merge_files``
+is merged whole by ``promfork.reader.merge.FamilyMerge``, exactly as ``merge_files``
 merges it, and families are put in the order a merge of all files meets them:
 a long-lived reader answers sample for sample and in the same order what a new
 one would. When only values moved, the label sets they feed are merged again:
@@ -30,7 +30,7 @@ changed are formatted again: after their cached line prefixes when their
 sample keys held, otherwise by prometheus-client's encoder, one call per
 family. Everything held for a file is dropped with it.
 
-The reader does no locking: its owner (promfork.collector) calls it under the
+The reader does no locking: its owner (promfork.reader.collector) calls it under the
 directory lock, one thread at a time.
 """
 
@@ -44,8 +44,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Exemplar, Sample
 from prometheus_client.utils import floatToGoString
 
-from promfork import dbfiles
-from promfork.merge import FamilyMerge, SummedLabelSet, group_key, is_summed, orders_by_value, parse_key
+from promfork.directory import fileformat
+from promfork.reader.merge import FamilyMerge, SummedLabelSet, group_key, is_summed, orders_by_value, parse_key
 
 Encoder = Callable[[object], bytes]  # prometheus-client's generate_latest, text or OpenMetrics
 _BLOCK = 2048  # bytes compared at a time when a file changed
@@ -57,7 +57,7 @@ class _File:
 
     __slots__ = ("__weakref__", "data", "device", "families", "info", "inode", "offsets", "rows", "slots")
 
-    def __init__(self, info: dbfiles.DbFile, snapshot: dbfiles.Snapshot) -> None:
+    def __init__(self, info: fileformat.DbFile, snapshot: fileformat.Snapshot) -> None:
         self.info = info
         self.inode = snapshot.inode
         self.device = snapshot.device
@@ -156,23 +156,23 @@ class IncrementalReader:
             old = self._files.get(name)
             path = os.path.join(self.directory, name)
             try:
-                snapshot = dbfiles.read_snapshot(path)
+                snapshot = fileformat.read_snapshot(path)
                 if old is not None and self._follow(old, snapshot, changed, reshaped):
                     kept[name] = old
                     continue
-                kept[name] = file = self._parse(dbfiles.parse_name(name), snapshot)
+                kept[name] = file = self._parse(fileformat.parse_name(name), snapshot)
                 reshaped.update(file.families)
             except FileNotFoundError:
                 pass
-            except dbfiles.CorruptFile:
+            except fileformat.CorruptFile:
                 # Once more, from scratch: a writer's file is headerless for an instant after
                 # its creation (and a reader without memory barriers may see a write late).
                 try:
-                    kept[name] = file = self._parse(dbfiles.parse_name(name), dbfiles.read_snapshot(path))
+                    kept[name] = file = self._parse(fileformat.parse_name(name), fileformat.read_snapshot(path))
                     reshaped.update(file.families)
                 except FileNotFoundError:
                     pass
-                except dbfiles.CorruptFile:
+                except fileformat.CorruptFile:
                     damaged.append(name)
             if old is not None:
                 reshaped.update(old.families)
@@ -185,7 +185,7 @@ class IncrementalReader:
         self._apply(changed, reshaped)
         return damaged
 
-    def _follow(self, file: _File, snapshot: dbfiles.Snapshot, changed: list, reshaped: set[str]) -> bool:
+    def _follow(self, file: _File, snapshot: fileformat.Snapshot, changed: list, reshaped: set[str]) -> bool:
         """Apply a new snapshot of a cached file; False if it must be parsed afresh (replaced or rewritten)."""
         data, old = snapshot.data, file.data
         if (snapshot.inode, snapshot.device) != (file.inode, file.device) or len(data) < len(old):
@@ -195,7 +195,7 @@ class IncrementalReader:
         moved = []
         common = len(old)
         offsets = file.offsets
-        pos = dbfiles.FIRST_ENTRY
+        pos = fileformat.FIRST_ENTRY
         while pos < common:
             end = min(pos + _BLOCK, common)
             if data[pos:end] != old[pos:end]:
@@ -204,7 +204,7 @@ class IncrementalReader:
                 first = bisect.bisect_right(offsets, pos - 16)
                 last = min(bisect.bisect_left(offsets, end - 16) + 1, len(offsets))
                 for i in range(first, last):
-                    start, value_at = offsets[i - 1] + 16 if i else dbfiles.FIRST_ENTRY, offsets[i]
+                    start, value_at = offsets[i - 1] + 16 if i else fileformat.FIRST_ENTRY, offsets[i]
                     if data[start:value_at] != old[start:value_at]:
                         return False
                     if data[value_at : value_at + 16] != old[value_at : value_at + 16]:
@@ -212,16 +212,16 @@ class IncrementalReader:
             pos = end
         if len(data) > common:
             grown = len(file.rows)
-            self._add_entries(file, data, max(common, dbfiles.FIRST_ENTRY))
+            self._add_entries(file, data, max(common, fileformat.FIRST_ENTRY))
             reshaped.update(row[0] for row in file.rows[grown:])
         file.data = data
         changed += [(file, i) for i in moved]
         return True
 
-    def _parse(self, info: dbfiles.DbFile, snapshot: dbfiles.Snapshot) -> _File:
+    def _parse(self, info: fileformat.DbFile, snapshot: fileformat.Snapshot) -> _File:
         file = _File(info, snapshot)
         if snapshot.data:
-            self._add_entries(file, snapshot.data, dbfiles.FIRST_ENTRY)
+            self._add_entries(file, snapshot.data, fileformat.FIRST_ENTRY)
         file.data = snapshot.data
         return file
 
@@ -229,10 +229,10 @@ class IncrementalReader:
         """Parse the entries of `data` from `start` into `file`; CorruptFile leaves `file` unchanged."""
         cache = self._keys
         try:
-            keys, offsets = dbfiles.index_entries(data, start)
+            keys, offsets = fileformat.index_entries(data, start)
             rows = [cache.get(raw) or self._parse_key(raw) for raw in keys]
-        except dbfiles.CorruptFile as exc:
-            raise dbfiles.CorruptFile(f"{file.info.name}: {exc}") from None
+        except fileformat.CorruptFile as exc:
+            raise fileformat.CorruptFile(f"{file.info.name}: {exc}") from None
         families = file.families
         for i, row in enumerate(rows, len(file.rows)):
             entries = families.get(row[0])
@@ -248,9 +248,9 @@ class IncrementalReader:
         try:
             row = self._keys[raw] = parse_key(raw.decode("utf-8"))
         except UnicodeDecodeError:
-            raise dbfiles.CorruptFile("a key is not UTF-8") from None
+            raise fileformat.CorruptFile("a key is not UTF-8") from None
         except ValueError as exc:
-            raise dbfiles.CorruptFile(str(exc)) from None
+            raise fileformat.CorruptFile(str(exc)) from None
         return row
 
     def _reorder(self, reshaped: set[str]) -> None:
@@ -272,7 +272,7 @@ class IncrementalReader:
         """Merge every entry of a family, as ``merge_files`` does; label sets whose samples held keep their lines."""
         merged = None
         family = None
-        unpack = dbfiles.unpack_value
+        unpack = fileformat.unpack_value
         for file in self._files.values():
             entries = file.families.get(name)
             if not entries:
@@ -310,7 +310,7 @@ class IncrementalReader:
         groups = family.groups
         for group in groups.values():
             group.inputs, group.values, group.stamps = [], [], []
-        unpack = dbfiles.unpack_value
+        unpack = fileformat.unpack_value
         summed = True
         for file in self._files.values():
             entries = file.families.get(family.name)
@@ -340,7 +340,7 @@ class IncrementalReader:
     def _apply(self, changed: list[tuple[_File, int]], merged: set[str]) -> None:
         """Merge again the label sets whose inputs' values moved (whole families where that is exact or cheaper)."""
         dirty: dict[str, set[_Group]] = {}
-        unpack = dbfiles.unpack_value
+        unpack = fileformat.unpack_value
         for file, i in changed:
             name = file.rows[i][0]
             family = self._families.get(name)
@@ -408,7 +408,7 @@ class IncrementalReader:
         ``name[]`` filter does; `extra` adds to every sample of the families it
         names (rendered, not cached); `exemplars` (OpenMetrics only) are
         appended to the bucket lines they belong to, keyed as
-        ``promfork.exemplars.read_exemplars`` keys them.
+        ``promfork.writer.exemplars.read_exemplars`` keys them.
         """
         parts: list[str] = []
         patches = self._exemplar_samples(exemplars) if exemplars else {}

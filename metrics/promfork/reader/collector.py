@@ -1,9 +1,9 @@
 """The aggregating collector: one exposition from every worker's files and the archives.
 
-It reads under the shared files lock (see promfork.multiproc), so a concurrent
+It reads under the shared files lock (see promfork.directory.locks), so a concurrent
 compaction never makes a scrape count a dead worker twice or not at all, and it
-merges exactly (promfork.merge), so totals never dip by a rounding error; what
-it keeps between scrapes lives in promfork.reader. Damaged
+merges exactly (promfork.reader.merge), so totals never dip by a rounding error; what
+it keeps between scrapes lives in promfork.reader.incremental. Damaged
 files are skipped, counted in ``metrics_scrape_errors_total`` and set aside; the
 scrape still answers.
 """
@@ -22,15 +22,16 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from promfork import compaction, dbfiles
-from promfork import exemplars as exemplars_store
-from promfork.compaction import is_alive
 from promfork.config import Settings
-from promfork.multiproc import DirectoryLock, LockTimeout, fork_guard
-from promfork.process import WorkerProcessCollector
-from promfork.reader import Encoder, IncrementalReader
+from promfork.directory import fileformat
+from promfork.directory.locks import DirectoryLock, LockTimeout, fork_guard
+from promfork.master import compaction
+from promfork.master.compaction import is_alive
+from promfork.reader.incremental import Encoder, IncrementalReader
+from promfork.reader.process import WorkerProcessCollector
+from promfork.writer import exemplars as exemplars_store
 
-log = logging.getLogger("promfork.collector")
+log = logging.getLogger("promfork.reader.collector")
 
 MAX_CACHED_FORMATS = 8  # exposition formats whose lines are cached; others are formatted each scrape
 _OPENMETRICS_1 = re.compile(r"version=1\.0\.[0-9]+")
@@ -96,7 +97,7 @@ def library_metrics(settings: Settings) -> LibraryMetrics:
     """This process's LibraryMetrics for the settings' namespace; the value store reports write errors to it."""
     found = _library.get(settings.namespace)
     if found is None:
-        from promfork import values
+        from promfork.writer import values
 
         found = _library[settings.namespace] = LibraryMetrics(settings)
         values.report_write_errors_to(found.write_errors)
@@ -106,7 +107,7 @@ def library_metrics(settings: Settings) -> LibraryMetrics:
 class AggregatingCollector(Collector):
     """Collects every process's metrics from a multiprocess directory, exactly once.
 
-    Holds a promfork.reader.IncrementalReader for its whole life, so a scrape
+    Holds a promfork.reader.incremental.IncrementalReader for its whole life, so a scrape
     costs what changed since the last one; ``render`` serves the exposition
     from the reader's cached lines, ``collect`` gives Metric objects to any
     other consumer. Safe to call from several threads (one reads at a time)
@@ -165,7 +166,7 @@ class AggregatingCollector(Collector):
 
         `fmt` is the format's content type (the cache key), `names` the
         ``name[]`` filter; with `exemplars` (OpenMetrics), bucket lines carry
-        the exemplars of promfork.exemplars. Raises LockTimeout as ``collect``.
+        the exemplars of promfork.writer.exemplars. Raises LockTimeout as ``collect``.
         """
         # The content type comes from the client's Accept header: only a few are cached.
         fmt = _OPENMETRICS_1.sub("version=1.0.0", fmt)  # every 1.0.x formats alike
@@ -198,7 +199,7 @@ class AggregatingCollector(Collector):
 
     def _read(self, reader: IncrementalReader) -> list[str]:
         names = sorted(n for n in os.listdir(self.directory) if n.endswith(".db"))
-        foreign = [n for n in names if dbfiles.parse_name(n) is None]
+        foreign = [n for n in names if fileformat.parse_name(n) is None]
         unreadable = reader.update(n for n in names if n not in foreign)
         damaged = [n for n in unreadable if not self._still_being_created(n, os.path.join(self.directory, n))]
         return foreign + damaged
@@ -207,7 +208,7 @@ class AggregatingCollector(Collector):
     def _still_being_created(name: str, path: str) -> bool:
         # prometheus-client creates a file empty, sizes it, then writes its header:
         # a live process's new file can be seen headerless for an instant. Not damage.
-        pid = dbfiles.parse_name(name).pid
+        pid = fileformat.parse_name(name).pid
         if pid is None or not is_alive(pid):
             return False
         try:
@@ -227,7 +228,7 @@ class AggregatingCollector(Collector):
                 # A process that has the file open for writing holds a shared lock on it:
                 # never move a file someone still writes (it would write on, unseen).
                 try:
-                    claim = dbfiles.claim(os.path.join(self.directory, name))
+                    claim = fileformat.claim(os.path.join(self.directory, name))
                 except OSError:  # not even openable for writing: left where it is
                     claim = None
                 if claim is None:
@@ -236,14 +237,14 @@ class AggregatingCollector(Collector):
                 try:
                     compaction.quarantine(self.directory, name, "unreadable during scrape")
                 finally:
-                    dbfiles.release(claim)
+                    fileformat.release(claim)
 
 
 class ExpositionRegistry(CollectorRegistry):
     """The registry behind /metrics: the aggregating collector, served from its cached lines, and the rest.
 
     ``collect()`` and prometheus-client's encoders work on it as on any
-    registry. ``exposition`` is what promfork.exposition serves: the
+    registry. ``exposition`` is what promfork.reader.exposition serves: the
     aggregated families from the reader's cache, then whatever else is
     registered (per-worker process metrics) formatted by prometheus-client.
     """

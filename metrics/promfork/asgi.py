@@ -5,7 +5,7 @@ Usage (one line; settings come from the METRICS_* variables)::
     app = FastAPI()
     app.add_middleware(PrometheusMiddleware)     # or: app = PrometheusMiddleware(app)
 
-It records the series the Flask extension records (``promfork.http``), with
+It records the series the Flask extension records (``promfork.http.recorder``), with
 the same names, labels and bounds. Route labels are the templates of Starlette
 routing (``/items/{item_id}``, mounted sub-apps and FastAPI's included routers
 included), found with the routes' own ``matches()`` as the router does; a
@@ -26,15 +26,15 @@ when metrics are disabled: look it up with ``scope.get``. Flask's WSGI environ
 carries the same key.
 
 /metrics is answered here, before the app and whatever middleware it adds
-inside this one, by promfork.exposition's WSGI app run in a worker thread (a
+inside this one, by promfork.reader.exposition's WSGI app run in a worker thread (a
 scrape reads files under a lock: it must not block the event loop). Lifespan
 and websocket scopes pass through untouched.
 
 Traces: a request with a sampled W3C ``traceparent`` header (or, when
 OpenTelemetry is in use, a sampled span current as it enters this middleware)
-has its trace bound for the request's task (``promfork.trace.current_trace``,
+has its trace bound for the request's task (``promfork.http.trace.current_trace``,
 copied into threads the app runs sync code in) and leaves it as the exemplar of
-its duration bucket (promfork.exemplars). The header is found in the same pass
+its duration bucket (promfork.writer.exemplars). The header is found in the same pass
 over the headers that finds Content-Length.
 """
 
@@ -56,10 +56,10 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError(f"promfork.asgi needs Starlette ({exc}); install it with: pip install 'promfork[asgi]'") from exc
 
 from promfork.config import Settings, load_settings
-from promfork.exposition import disabled_app, make_metrics_app
-from promfork.http import KNOWN_METHODS, OTHER_METHOD, RESPONSE_COMPLETE_KEY, UNMATCHED, HttpRecorder
-from promfork.multiproc import ensure_multiprocess_mode
-from promfork.trace import bind, request_trace, unbind
+from promfork.directory.locks import ensure_multiprocess_mode
+from promfork.http.recorder import KNOWN_METHODS, OTHER_METHOD, RESPONSE_COMPLETE_KEY, UNMATCHED, HttpRecorder
+from promfork.http.trace import bind, request_trace, unbind
+from promfork.reader.exposition import disabled_app, make_metrics_app
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -73,7 +73,7 @@ __all__ = ["RESPONSE_COMPLETE_KEY", "PrometheusMiddleware", "route_template"]
 # of one name would write one file slot from two separate in-memory totals.
 _shared_recorders: dict[str, HttpRecorder] = {}
 _STATUS = {code: str(code) for code in range(100, 600)}
-_modules = sys.modules  # "opentelemetry.trace" in it: OpenTelemetry is in use (see promfork.trace)
+_modules = sys.modules  # "opentelemetry.trace" in it: OpenTelemetry is in use (see promfork.http.trace)
 
 
 class PrometheusMiddleware:
@@ -102,7 +102,7 @@ class PrometheusMiddleware:
             return
         ensure_multiprocess_mode()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            from promfork.collector import exposition_registry
+            from promfork.reader.collector import exposition_registry
 
             self.recorder = _shared_recorder(settings)
             exposed = exposition_registry(settings)

@@ -1,4 +1,4 @@
-"""Straight-line update functions for ``promfork.values.Samples``: the store loop unrolled, buckets by comparisons.
+"""Straight-line update functions for ``values.Samples``: the store loop unrolled, buckets by comparisons.
 
 A request updates a dozen values. Written as a loop, each one pays for the
 loop itself (iteration, unpacking, a test for "is this a histogram"), and each
@@ -56,7 +56,7 @@ def compile_update(samples, plan: tuple, namespace: dict, layout: object) -> Cal
     now; it takes the slow path (``samples._update_slow``) whenever the
     process's ``layout`` is not `layout` (another process, a remapped file, a
     moved value; None: always) or values are held in memory. `namespace` is the
-    globals of ``promfork.values``: the function reads the current ``_process``
+    globals of ``promfork.writer.values``: the function reads the current ``_process``
     from it at each call (it changes in a forked child).
     """
     shape = tuple(bounds for _, bounds, _ in plan)

@@ -1,10 +1,10 @@
 """Exemplars across worker processes: each process's most recent trace per histogram bucket, in a file of its own.
 
 What is stored. For every histogram bucket an observation fell in while a
-sampled trace was current (promfork.trace), the last such observation of each
+sampled trace was current (promfork.http.trace), the last such observation of each
 process: trace id, span id, the observed value and the wall-clock time it was
 observed. ``read_exemplars`` merges every process's file and the archive and
-keeps, per bucket, the most recent exemplar; the reader (promfork.collector)
+keeps, per bucket, the most recent exemplar; the reader (promfork.reader.collector)
 appends each to its bucket line in the OpenMetrics exposition (the Prometheus
 text format has no exemplars). Exemplars exist in multiprocess mode only.
 
@@ -46,14 +46,14 @@ guarantees; Python has no memory fences to ask for it on weakly ordered CPUs.
 Writes never fail or block a request. Each process's file is created on its
 first exemplar, sized with ``posix_fallocate`` (and again when it doubles), so
 a full disk is an OSError, never SIGBUS. An exemplar that cannot be stored is
-dropped and counted in ``metrics_write_errors_total`` (promfork.values); a line
+dropped and counted in ``metrics_write_errors_total`` (promfork.writer.values); a line
 is logged at most once a minute; opening the file is retried at most once a
 second. A writer holds a shared ``flock`` on its file as the value store does
-(``dbfiles.open_for_writing``), so compaction never takes a file a live process
+(``fileformat.open_for_writing``), so compaction never takes a file a live process
 (pid reuse included) may write. A forked child never writes its parent's file:
 it drops the inherited mapping and opens its own on its first exemplar.
 
-Dead processes. When compaction folds a dead worker (promfork.compaction,
+Dead processes. When compaction folds a dead worker (promfork.master.compaction,
 under the exclusive files lock), ``fold_dead_workers`` claims its exemplar file
 like a value file, merges it into ``exemplars_archive.bin`` (the most recent
 exemplar per bucket wins, as in ``read_exemplars``), replaces the archive by
@@ -82,13 +82,13 @@ from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from promfork.trace import TraceContext, current_trace
+from promfork.http.trace import TraceContext, current_trace
 
 if TYPE_CHECKING:
     from prometheus_client import Histogram
     from prometheus_client.samples import Exemplar
 
-log = logging.getLogger("promfork.exemplars")
+log = logging.getLogger("promfork.writer.exemplars")
 
 # (bucket sample name, e.g. "http_request_duration_seconds_bucket",
 #  labels as a tuple of (name, value) pairs sorted by name, "le" included and
@@ -150,10 +150,10 @@ class _ExemplarFile:
     """This process's exemplar file, mapped for writing records in place. Not thread-safe (the store's lock is)."""
 
     def __init__(self, path: str) -> None:
-        from promfork import dbfiles
+        from promfork.directory import fileformat
 
         self.path = path
-        self._fd = dbfiles.open_for_writing(path)
+        self._fd = fileformat.open_for_writing(path)
         self._mmap: mmap.mmap | None = None
         self._words: memoryview | None = None
         self.offsets: dict[ExemplarKey, int] = {}
@@ -290,7 +290,7 @@ class _Store:
         return self.file
 
     def _dropped(self, error: BaseException | None) -> None:
-        from promfork import values
+        from promfork.writer import values
 
         self.dropped += 1
         values.count_write_errors(1)
@@ -337,7 +337,7 @@ _bucket_keys: dict[tuple[str, tuple[str, ...]], _Buckets] = {}  # by (histogram 
 
 def _buckets_of(histogram: Histogram, labelvalues: tuple[str, ...]) -> _Buckets:
     # prometheus-client's Histogram keeps its name, label names and bounds in these
-    # attributes (promfork.values relies on _upper_bounds too); tests pin the keys
+    # attributes (promfork.writer.values relies on _upper_bounds too); tests pin the keys
     # against the bucket samples the installed version exposes.
     from prometheus_client.utils import floatToGoString
 
@@ -378,7 +378,7 @@ def record(histogram: Histogram, labelvalues: Sequence[str], value: float) -> No
     For an app's own histograms::
 
         duration.labels(*labelvalues).observe(seconds)
-        promfork.exemplars.record(duration, labelvalues, seconds)
+        promfork.writer.exemplars.record(duration, labelvalues, seconds)
 
     The current trace is OpenTelemetry's sampled span, else the sampled
     ``traceparent`` of the request being served (bound by promfork.flask or
@@ -547,18 +547,18 @@ def _write_archive(directory: str, records: _Records) -> None:
 def fold_dead_workers(directory: str, pids: Iterable[int]) -> int:
     """Fold the exemplar files of the dead processes `pids` into the archive and delete them; return how many.
 
-    Caller holds the files lock exclusively (promfork.compaction). A file a live
+    Caller holds the files lock exclusively (promfork.master.compaction). A file a live
     process holds (pid reuse) is left alone. A damaged file is deleted (its
     exemplars are lost, logged). Raises OSError when the archive cannot be
     written (disk full): every file is then left as it was, for the next run.
     """
-    from promfork import dbfiles
+    from promfork.directory import fileformat
 
     claimed: list[tuple[str, int]] = []
     try:
         for pid in sorted(set(pids)):
             path = os.path.join(directory, file_name(pid))
-            fd = dbfiles.claim(path)
+            fd = fileformat.claim(path)
             if fd is not None:
                 claimed.append((path, fd))
         if not claimed:
@@ -582,4 +582,4 @@ def fold_dead_workers(directory: str, pids: Iterable[int]) -> int:
         return len(claimed)
     finally:
         for _, fd in claimed:
-            dbfiles.release(fd)
+            fileformat.release(fd)

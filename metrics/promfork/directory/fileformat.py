@@ -12,7 +12,7 @@ promfork adds two owners besides a pid: ``archive`` (``counter_archive.db``),
 the folded values of dead processes, and ``<pid>-<inode>`` (``counter_812-4471.db``),
 a dead process's file that compaction has *retired*: renamed away from the name
 its process writes, so that no process can open it again (see
-promfork.compaction). The stock ``MultiProcessCollector`` reads both as one more
+promfork.master.compaction). The stock ``MultiProcessCollector`` reads both as one more
 dead process. In archive entries of summed kinds (counter, histogram, summary,
 ``sum`` gauges) the timestamp double, which prometheus-client ignores for those
 kinds, holds the rounding remainder of the folded total (value + remainder is
@@ -42,7 +42,7 @@ Compaction folds a file only after taking that lock exclusively (see
 timing (a reused pid, a fork right after a check).
 
 Archive reading goes through prometheus-client's own reader; the long-lived
-scrape reader (promfork.reader) reads snapshots of a file's used bytes
+scrape reader (promfork.reader.incremental) reads snapshots of a file's used bytes
 (``read_snapshot``) and indexes entries from a given offset on
 (``index_entries``), so that it parses only what was appended. ``ValueFile`` is
 the write path of the workers' hot loop: the same layout, written byte for byte

@@ -7,18 +7,18 @@ series: ``http_requests_total{method,route,status}``,
 (livesum) and the request/response size histograms. Label values are bounded:
 routes are framework templates or ``UNMATCHED``, methods outside
 ``KNOWN_METHODS`` become ``other``. A request with a sampled trace
-(promfork.trace) also leaves its trace as the exemplar of the duration bucket
-it was counted in (promfork.exemplars), after its values are stored.
+(promfork.http.trace) also leaves its trace as the exemplar of the duration bucket
+it was counted in (promfork.writer.exemplars), after its values are stored.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from promfork import exemplars
 from promfork.config import Settings
-from promfork.trace import TraceContext
-from promfork.values import Samples
+from promfork.http.trace import TraceContext
+from promfork.writer import exemplars
+from promfork.writer.values import Samples
 
 UNMATCHED = "unmatched"  # the route label of every path no route matched
 OTHER_METHOD = "other"  # the method label of every method outside KNOWN_METHODS

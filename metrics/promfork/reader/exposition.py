@@ -1,6 +1,6 @@
 """The /metrics WSGI app: bearer-token auth in front of the exposition.
 
-The aggregated registry (promfork.collector.ExpositionRegistry) is served from
+The aggregated registry (promfork.reader.collector.ExpositionRegistry) is served from
 its reader's cached lines, with prometheus-client's format choice (text 0.0.4
 by default, OpenMetrics when ``Accept`` asks for it), gzip when accepted and
 ``name[]`` filtering; any other registry through prometheus-client's
@@ -22,9 +22,9 @@ from urllib.parse import parse_qs
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import gzip_accepted
 
-from promfork.multiproc import LockTimeout
+from promfork.directory.locks import LockTimeout
 
-log = logging.getLogger("promfork.exposition")
+log = logging.getLogger("promfork.reader.exposition")
 
 ALLOW = "GET, HEAD, OPTIONS"
 

@@ -32,8 +32,8 @@ Traces: a request with a sampled W3C ``traceparent`` header (or, when
 OpenTelemetry is in use, a sampled span current as it enters this middleware:
 put OpenTelemetry's WSGI middleware outside this one) has its trace bound for
 the whole request, streamed body and ``close()`` included
-(``promfork.trace.current_trace``), and leaves it as the exemplar of its
-duration bucket (promfork.exemplars). A request without one pays a dictionary
+(``promfork.http.trace.current_trace``), and leaves it as the exemplar of its
+duration bucket (promfork.writer.exemplars). A request without one pays a dictionary
 lookup or two.
 """
 
@@ -48,16 +48,16 @@ from flask import Flask, got_request_exception, request
 from prometheus_client import CollectorRegistry
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
-from promfork import trace as _trace
 from promfork.config import Settings, load_settings
-from promfork.exposition import disabled_app, make_metrics_app
-from promfork.http import KNOWN_METHODS, RESPONSE_COMPLETE_KEY, UNMATCHED, HttpRecorder
-from promfork.multiproc import ensure_multiprocess_mode
-from promfork.trace import REQUEST_TRACE, bind, request_trace, unbind
+from promfork.directory.locks import ensure_multiprocess_mode
+from promfork.http import trace as _trace
+from promfork.http.recorder import KNOWN_METHODS, RESPONSE_COMPLETE_KEY, UNMATCHED, HttpRecorder
+from promfork.http.trace import REQUEST_TRACE, bind, request_trace, unbind
+from promfork.reader.exposition import disabled_app, make_metrics_app
 
 _REQUEST_KEY = "werkzeug.request"  # where Flask's request object (with its matched url_rule) is found
 _UNKNOWN_LENGTH = float("inf")  # no Content-Length: counted when the server closes the body
-_modules = sys.modules  # "opentelemetry.trace" in it: OpenTelemetry is in use (see promfork.trace)
+_modules = sys.modules  # "opentelemetry.trace" in it: OpenTelemetry is in use (see promfork.http.trace)
 
 
 class HttpMetrics:
@@ -87,7 +87,7 @@ class HttpMetrics:
         # Metrics in multiprocess mode live in files, not in any registry.
         self.registry = None if multiprocess else CollectorRegistry()
         if multiprocess:
-            from promfork.collector import exposition_registry
+            from promfork.reader.collector import exposition_registry
 
             exposed = exposition_registry(settings)
         else:

@@ -3,7 +3,7 @@
 Protocol (all under the exclusive files lock, so no scrape sees a half-done step):
 
 1. finish any journal left by a crashed run (roll forward), drop stray ``*.new`` files;
-2. claim each file of the dead pids: lock it exclusively (``dbfiles.claim``).
+2. claim each file of the dead pids: lock it exclusively (``fileformat.claim``).
    A live process holds a shared lock on every file it writes (promfork's value
    store takes it when it opens the file), so a failed claim means the pid is
    alive again (pid reuse, a second master's worker during USR2, a fork right
@@ -38,7 +38,7 @@ or dead) die with their process too: kept, they would add a series for every
 worker that ever lived. The first time the compactor drops one it logs the
 gauge's name and the modes that aggregate instead.
 
-Exemplar files (``exemplars_<pid>.bin``, promfork.exemplars) of the same dead
+Exemplar files (``exemplars_<pid>.bin``, promfork.writer.exemplars) of the same dead
 pids are folded after the values, in the same run and under the same lock:
 each is claimed like a value file, merged into ``exemplars_archive.bin`` (the
 most recent exemplar per bucket wins) and deleted. That merge is idempotent, so
@@ -46,7 +46,7 @@ it needs no journal: a crash in the middle folds the file again next time. A
 dead worker's last exemplars therefore stay on the exposition until newer ones
 of the same buckets replace them, and its file does not pile up.
 
-This module relies on promfork's value store (promfork.values) taking the writer
+This module relies on promfork's value store (promfork.writer.values) taking the writer
 lock. With prometheus-client's own value class no writer holds it, so the
 Gunicorn hooks do not compact at all then (dead workers' files are kept, as
 stock does).
@@ -63,10 +63,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from promfork import dbfiles, exemplars
-from promfork.multiproc import DirectoryLock
+from promfork.directory import fileformat
+from promfork.directory.locks import DirectoryLock
+from promfork.writer import exemplars
 
-log = logging.getLogger("promfork.compaction")
+log = logging.getLogger("promfork.master.compaction")
 
 JOURNAL = "compaction.journal"
 QUARANTINE = "quarantine"
@@ -88,7 +89,7 @@ class CompactionResult:
     dropped_all_gauges: set[str] = field(default_factory=set)  # names of mode-"all" gauges dropped
 
 
-def fold(file: dbfiles.DbFile, into: dbfiles.Entries, entries: dbfiles.Entries) -> None:
+def fold(file: fileformat.DbFile, into: fileformat.Entries, entries: fileformat.Entries) -> None:
     """Fold one dead file's entries into an archive's entries, as its kind and mode mean."""
     mode = file.mode
     for key, (value, ts) in entries.items():
@@ -104,8 +105,8 @@ def fold(file: dbfiles.DbFile, into: dbfiles.Entries, entries: dbfiles.Entries) 
         elif mode == "mostrecent":
             if ts > current[1]:
                 into[key] = (value, ts)
-        else:  # counter, histogram, summary, gauge sum: see dbfiles.add_exact
-            into[key] = dbfiles.add_exact(current, value)
+        else:  # counter, histogram, summary, gauge sum: see fileformat.add_exact
+            into[key] = fileformat.add_exact(current, value)
 
 
 def _fsync_dir(path: str) -> None:
@@ -189,15 +190,15 @@ def quarantine(directory: str, name: str, reason: str) -> str | None:
 
 def _metric_names(path: str) -> set[str]:
     try:
-        return {json.loads(key)[0] for key in dbfiles.read_entries(path)}
+        return {json.loads(key)[0] for key in fileformat.read_entries(path)}
     except (OSError, ValueError, IndexError, TypeError):
         return set()
 
 
-def _retire(directory: str, file: dbfiles.DbFile, result: CompactionResult) -> str | None:
+def _retire(directory: str, file: fileformat.DbFile, result: CompactionResult) -> str | None:
     """Claim a dead process's file; delete it (live and ``all`` gauges) or retire it. None unless retired."""
     path = os.path.join(directory, file.name)
-    fd = dbfiles.claim(path)
+    fd = fileformat.claim(path)
     if fd is None:
         if os.path.exists(path):
             result.busy.append(file.name)
@@ -209,11 +210,11 @@ def _retire(directory: str, file: dbfiles.DbFile, result: CompactionResult) -> s
             os.unlink(path)  # still holding the claim: nobody reopened it
             result.files_removed += 1
             return None
-        retired = dbfiles.retired_name(file, os.fstat(fd).st_ino)
+        retired = fileformat.retired_name(file, os.fstat(fd).st_ino)
         os.rename(path, os.path.join(directory, retired))
         return retired
     finally:
-        dbfiles.release(fd)
+        fileformat.release(fd)
 
 
 def compact_dead_workers(directory: str, pids: Iterable[int]) -> CompactionResult:
@@ -228,17 +229,17 @@ def compact_dead_workers(directory: str, pids: Iterable[int]) -> CompactionResul
     result = CompactionResult()
     names = os.listdir(directory)
     folded = set()
-    for file in filter(None, map(dbfiles.parse_name, names)):
+    for file in filter(None, map(fileformat.parse_name, names)):
         if file.owner in wanted and _retire(directory, file, result) is not None:
             folded.add(file.owner)
     _step("retired")
-    retired = [f for f in map(dbfiles.parse_name, os.listdir(directory)) if f is not None and f.retired]
-    archives: dict[str, dbfiles.Entries] = {}
+    retired = [f for f in map(fileformat.parse_name, os.listdir(directory)) if f is not None and f.retired]
+    archives: dict[str, fileformat.Entries] = {}
     delete: list[str] = []
     for file in retired:
         try:
-            entries = dbfiles.read_entries(os.path.join(directory, file.name))
-        except dbfiles.CorruptFile as exc:
+            entries = fileformat.read_entries(os.path.join(directory, file.name))
+        except fileformat.CorruptFile as exc:
             if quarantine(directory, file.name, str(exc)):
                 result.quarantined.append(file.name)
             continue
@@ -250,8 +251,8 @@ def compact_dead_workers(directory: str, pids: Iterable[int]) -> CompactionResul
     renames = []
     try:
         for prefix, entries in archives.items():
-            final = dbfiles.archive_name(prefix)
-            dbfiles.write_entries(os.path.join(directory, final + ".new"), entries)
+            final = fileformat.archive_name(prefix)
+            fileformat.write_entries(os.path.join(directory, final + ".new"), entries)
             renames.append((final + ".new", final))
         _step("archives_written")
         if delete or renames:
@@ -274,13 +275,13 @@ def compact_dead_workers(directory: str, pids: Iterable[int]) -> CompactionResul
     return result
 
 
-def _read_archive(directory: str, prefix: str, result: CompactionResult) -> dbfiles.Entries:
-    name = dbfiles.archive_name(prefix)
+def _read_archive(directory: str, prefix: str, result: CompactionResult) -> fileformat.Entries:
+    name = fileformat.archive_name(prefix)
     try:
-        return dbfiles.read_entries(os.path.join(directory, name))
+        return fileformat.read_entries(os.path.join(directory, name))
     except FileNotFoundError:
         return {}
-    except dbfiles.CorruptFile as exc:
+    except fileformat.CorruptFile as exc:
         if quarantine(directory, name, str(exc)):
             result.quarantined.append(name)
         return {}
@@ -290,7 +291,7 @@ def pids_with_files(directory: str) -> set[int]:
     """Every process that has metric files in `directory` (each is folded or dropped once it is dead)."""
     pids = set()
     for name in os.listdir(directory):
-        parsed = dbfiles.parse_name(name)
+        parsed = fileformat.parse_name(name)
         if parsed is not None and parsed.pid is not None:
             pids.add(parsed.pid)
         elif (pid := exemplars.exemplar_file_pid(name)) is not None:
@@ -300,7 +301,7 @@ def pids_with_files(directory: str) -> set[int]:
 
 def has_retired_files(directory: str) -> bool:
     """True when an interrupted run left retired files to fold."""
-    return any((f := dbfiles.parse_name(name)) is not None and f.retired for name in os.listdir(directory))
+    return any((f := fileformat.parse_name(name)) is not None and f.retired for name in os.listdir(directory))
 
 
 def remove_live_gauges(directory: str, pid: int) -> int:
@@ -315,18 +316,18 @@ def remove_live_gauges(directory: str, pid: int) -> int:
     for name in os.listdir(directory):
         if not name.endswith(suffix):
             continue
-        file = dbfiles.parse_name(name)
+        file = fileformat.parse_name(name)
         if file is None or not file.is_live_gauge or file.pid != pid:
             continue
         path = os.path.join(directory, name)
-        fd = dbfiles.claim(path)
+        fd = fileformat.claim(path)
         if fd is None:
             continue
         try:
             os.unlink(path)
             removed += 1
         finally:
-            dbfiles.release(fd)
+            fileformat.release(fd)
     return removed
 
 

@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass
 
 from promfork.config import ConfigError, Settings, load_settings
-from promfork.multiproc import MasterLease, MultiprocDirError, ensure_directory, is_private, wipe_stale_files
+from promfork.directory.locks import MasterLease, MultiprocDirError, ensure_directory, is_private, wipe_stale_files
 
 EXIT_REASONS = ("normal", "max_requests", "timeout", "signal", "error")
 
@@ -41,12 +41,12 @@ class _MasterState:
     settings: Settings
     directory: str | None = None
     lease: MasterLease | None = None
-    compactor: object | None = None  # promfork.compaction.Compactor (imported once the env is set)
+    compactor: object | None = None  # promfork.master.compaction.Compactor (imported once the env is set)
     dirty_compactor: object | None = None  # the dirty arbiter's own Compactor, set in that process only
-    library: object | None = None  # promfork.collector.LibraryMetrics
+    library: object | None = None  # promfork.reader.collector.LibraryMetrics
     lifecycle: object | None = None  # _Lifecycle
-    server: object | None = None  # promfork.server.MetricsServer
-    fast_values: bool = False  # promfork.values.MmapValue stores the values (else prometheus-client's class)
+    server: object | None = None  # promfork.reader.listener.MetricsServer
+    fast_values: bool = False  # promfork.writer.values.MmapValue stores the values (else prometheus-client's class)
     stale_removed: int | None = None  # files of earlier runs wiped at a cold start; None when shared
 
 
@@ -61,7 +61,7 @@ def prepare_environment() -> Settings:
     every worker. It also takes the master's lease on the directory and, on a
     cold start, wipes files of earlier runs: here, before Gunicorn loads the app
     (``--preload`` creates the master's metric files before ``on_starting``).
-    Then it installs promfork's faster value store (promfork.values) while
+    Then it installs promfork's faster value store (promfork.writer.values) while
     prometheus_client is not yet imported. Safe to call again on HUP: the
     directory and the lease are kept, and nothing is checked again (a full
     disk must not stop a reloading master).
@@ -157,9 +157,9 @@ def on_starting(server) -> None:
     state = _state()
     if not state.settings.enabled or state.lease is None:
         return
-    from promfork.collector import library_metrics
-    from promfork.multiproc import ensure_multiprocess_mode
-    from promfork.process import MASTER, record_slot
+    from promfork.directory.locks import ensure_multiprocess_mode
+    from promfork.reader.collector import library_metrics
+    from promfork.reader.process import MASTER, record_slot
 
     ensure_multiprocess_mode()
     if state.stale_removed is not None:
@@ -169,7 +169,7 @@ def on_starting(server) -> None:
     else:
         server.log.info("promfork: metrics directory %s shared with a live master; keeping its files", state.directory)
     if state.fast_values:
-        server.log.info("promfork: metric values stored by promfork.values.MmapValue")
+        server.log.info("promfork: metric values stored by promfork.writer.values.MmapValue")
     else:
         server.log.warning(
             "promfork: prometheus_client created metrics before prepare_environment(); its own, slower value "
@@ -195,9 +195,9 @@ def when_ready(server) -> None:
     state.compactor = _start_compactor(state, protected)
     state.lifecycle.configured.set(server.num_workers)
     if state.settings.metrics_port is not None and state.server is None:
-        from promfork.collector import exposition_registry
-        from promfork.exposition import make_metrics_app
-        from promfork.server import MetricsServer
+        from promfork.reader.collector import exposition_registry
+        from promfork.reader.exposition import make_metrics_app
+        from promfork.reader.listener import MetricsServer
 
         app = make_metrics_app(exposition_registry(state.settings), state.settings.auth_token)
         try:
@@ -206,16 +206,15 @@ def when_ready(server) -> None:
             where = f"{state.settings.metrics_bind}:{state.settings.metrics_port}"
             sys.exit(f"promfork: cannot listen on METRICS_PORT ({where}): {exc.strerror}")
         state.server.start()
-        server.log.info(
-            "promfork: master serving /metrics on http://%s:%d/metrics", *state.server.server_address[:2]
-        )
+        server.log.info("promfork: master serving /metrics on http://%s:%d/metrics", *state.server.server_address[:2])
 
 
 def _start_compactor(state: _MasterState, protected):
     """A running Compactor for this process, counting into the library metrics; None with the stock value class."""
     if not state.fast_values:
-        return None  # compaction relies on the writer lock promfork's value store takes (see promfork.compaction)
-    from promfork.compaction import Compactor
+        # compaction relies on the writer lock promfork's value store takes (see promfork.master.compaction)
+        return None
+    from promfork.master.compaction import Compactor
 
     def counted(result) -> None:
         state.library.count_compactions(len(result.pids))
@@ -237,7 +236,7 @@ def pre_fork(server, worker) -> None:
     state = _state()
     if state.directory is None:
         return
-    from promfork.process import free_slot
+    from promfork.reader.process import free_slot
 
     worker.promfork_slot = free_slot(getattr(w, "promfork_slot", -1) for w in server.WORKERS.copy().values())
     state.lifecycle.boots.inc()
@@ -251,8 +250,8 @@ def post_fork(server, worker) -> None:
         return
     if state.server is not None:
         state.server.close_in_child()
-    from promfork.multiproc import ensure_multiprocess_mode
-    from promfork.process import record_slot
+    from promfork.directory.locks import ensure_multiprocess_mode
+    from promfork.reader.process import record_slot
 
     ensure_multiprocess_mode()
     slot = getattr(worker, "promfork_slot", None)  # None when pre_fork is not assigned
@@ -300,7 +299,7 @@ def child_exit(server, worker) -> None:
     state = _state()
     if state.directory is None:
         return
-    from promfork.compaction import remove_live_gauges
+    from promfork.master.compaction import remove_live_gauges
 
     note = os.path.join(state.directory, f"{worker.pid}.exit")
     try:
@@ -348,7 +347,7 @@ def dirty_worker_exit(arbiter, worker) -> None:
     state = _state()
     if state.directory is None:
         return
-    from promfork.compaction import remove_live_gauges
+    from promfork.master.compaction import remove_live_gauges
 
     try:
         remove_live_gauges(state.directory, worker.pid)

@@ -6,7 +6,7 @@ starts or exits, a file is folded into the archive) a histogram ``_sum`` can
 come out a few ulps *lower* than the scrape before, and Prometheus' ``rate()``
 reads any decrease as a counter reset. Here every summed value is added with
 ``math.fsum`` (correctly rounded, order independent), and archive files carry
-the rounding remainder of their folded totals (see promfork.dbfiles), so a
+the rounding remainder of their folded totals (see promfork.directory.fileformat), so a
 counter never goes backwards, before, during or after compaction. Where no
 correctly rounded sum exists (a nan, +inf with -inf, finite values whose sum
 overflows) the result is what prometheus-client's plain ``+`` gives: see
@@ -22,7 +22,7 @@ another a number keeps whichever comes first, because every comparison with nan
 is false. So such a value may change when compaction moves it into the archive
 (which sorts after the pids' files).
 
-``merge_files`` merges a whole directory; promfork.reader, which keeps what it
+``merge_files`` merges a whole directory; promfork.reader.incremental, which keeps what it
 read between scrapes, merges a family whole with ``FamilyMerge`` when its
 entries come or go, and one label set again with a ``SummedLabelSet`` plan when
 only values moved: the rules above live here, once, for both.
@@ -41,7 +41,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from promfork import dbfiles
+from promfork.directory import fileformat
 
 _SUMMED_GAUGES = ("sum", "livesum")
 
@@ -67,7 +67,7 @@ def exact_sum(values: Sequence[float]) -> float:
 class FamilyMerge:
     """The merge of one metric family's samples, added file by file in file order.
 
-    ``merge_files`` feeds one per family; promfork.reader feeds one per label
+    ``merge_files`` feeds one per family; promfork.reader.incremental feeds one per label
     set whose inputs changed, which gives that label set's samples exactly as a
     whole-family merge would.
     """
@@ -84,13 +84,13 @@ class FamilyMerge:
         self.recent: dict[tuple, tuple[float, float]] = {}
         self.per_pid: dict[tuple, float] = {}
 
-    def add(self, file: dbfiles.DbFile, name: str, labels: tuple, value: float, ts: float) -> None:
+    def add(self, file: fileformat.DbFile, name: str, labels: tuple, value: float, ts: float) -> None:
         """Add one entry of `file` (value and timestamp-or-remainder as stored)."""
-        _add(self, file, name, labels, value, ts, file.owner == dbfiles.ARCHIVE)
+        _add(self, file, name, labels, value, ts, file.owner == fileformat.ARCHIVE)
 
-    def add_rows(self, file: dbfiles.DbFile, rows: Iterable[tuple], values: Iterable[tuple[float, float]]) -> None:
+    def add_rows(self, file: fileformat.DbFile, rows: Iterable[tuple], values: Iterable[tuple[float, float]]) -> None:
         """Add entries of `file` in file order: parsed keys (as ``parse_key`` gives them) and (value, timestamp)."""
-        archive = file.owner == dbfiles.ARCHIVE
+        archive = file.owner == fileformat.ARCHIVE
         for (_, name, labels, _), (value, ts) in zip(rows, values, strict=True):
             _add(self, file, name, labels, value, ts, archive)
 
@@ -107,12 +107,12 @@ class FamilyMerge:
         ]
 
 
-def is_summed(file: dbfiles.DbFile) -> bool:
+def is_summed(file: fileformat.DbFile) -> bool:
     """True for files whose values are added up across processes (counter, histogram, summary, sum gauges)."""
     return file.kind != "gauge" or file.mode in _SUMMED_GAUGES
 
 
-def orders_by_value(file: dbfiles.DbFile) -> bool:
+def orders_by_value(file: fileformat.DbFile) -> bool:
     """True for files whose values decide whether a label set is exposed at all (mostrecent gauges need ts > 0)."""
     return file.kind == "gauge" and file.mode in ("mostrecent", "livemostrecent")
 
@@ -126,12 +126,12 @@ class SummedLabelSet:
     cumulative buckets, ``_count`` from the ``+Inf`` total.
     """
 
-    def __init__(self, metric_name: str, inputs: Sequence[tuple[dbfiles.DbFile, str, tuple]]) -> None:
+    def __init__(self, metric_name: str, inputs: Sequence[tuple[fileformat.DbFile, str, tuple]]) -> None:
         sums: dict[tuple, list[int]] = {}
         buckets: dict[float, list[int]] = {}
         bucket_labels: tuple = ()
         for i, (file, name, labels) in enumerate(inputs):
-            refs = (i, ~i) if file.owner == dbfiles.ARCHIVE else (i,)  # ~i: the remainder, stored as timestamp
+            refs = (i, ~i) if file.owner == fileformat.ARCHIVE else (i,)  # ~i: the remainder, stored as timestamp
             if file.kind == "histogram":
                 stripped, bucket = group_key(file, labels)
                 if bucket:
@@ -176,7 +176,7 @@ def parse_key(key: str) -> tuple[str, str, tuple, str]:
     """A file entry's key as (metric name, sample name, labels sorted by name, help); ValueError if malformed.
 
     Labels become a sorted tuple of string pairs: the form every merge rule and
-    every cache of parsed keys (promfork.reader) uses.
+    every cache of parsed keys (promfork.reader.incremental) uses.
     """
     try:
         metric_name, name, labels, help_text = json.loads(key)
@@ -185,7 +185,7 @@ def parse_key(key: str) -> tuple[str, str, tuple, str]:
         raise ValueError(f"malformed key {key[:80]!r}") from None
 
 
-def group_key(file: dbfiles.DbFile, labels: tuple) -> tuple[tuple, bool]:
+def group_key(file: fileformat.DbFile, labels: tuple) -> tuple[tuple, bool]:
     """The label set a sample of `file` with `labels` is exposed under, and whether it is a histogram bucket.
 
     A label set's samples are merged and exposed together (a histogram's buckets,
@@ -207,13 +207,13 @@ def group_key(file: dbfiles.DbFile, labels: tuple) -> tuple[tuple, bool]:
 def _parse_file(path: str, key_cache: dict) -> list[tuple]:
     """Every (metric, sample name, labels, help, value, remainder-or-timestamp) of one file, or CorruptFile."""
     rows = []
-    for key, (value, ts) in dbfiles.read_entries(path).items():
+    for key, (value, ts) in fileformat.read_entries(path).items():
         parsed = key_cache.get(key)
         if parsed is None:
             try:
                 parsed = key_cache[key] = parse_key(key)
             except ValueError as exc:
-                raise dbfiles.CorruptFile(f"{os.path.basename(path)}: {exc}") from None
+                raise fileformat.CorruptFile(f"{os.path.basename(path)}: {exc}") from None
         rows.append((*parsed, value, ts))
     return rows
 
@@ -224,15 +224,15 @@ def merge_files(paths: Iterable[str]) -> tuple[list[Metric], list[str]]:
     damaged: list[str] = []
     key_cache: dict = {}
     for path in paths:
-        file = dbfiles.parse_name(os.path.basename(path))
+        file = fileformat.parse_name(os.path.basename(path))
         try:
             rows = _parse_file(path, key_cache)
         except FileNotFoundError:
             continue  # a live gauge removed by mark_process_dead, or the file of a creator that just went
-        except dbfiles.CorruptFile:
+        except fileformat.CorruptFile:
             damaged.append(file.name)
             continue
-        archive = file.owner == dbfiles.ARCHIVE
+        archive = file.owner == fileformat.ARCHIVE
         for metric_name, name, labels, help_text, value, ts in rows:
             family = families.get(metric_name)
             if family is None:
@@ -241,7 +241,9 @@ def merge_files(paths: Iterable[str]) -> tuple[list[Metric], list[str]]:
     return [_finish(f) for f in families.values()], damaged
 
 
-def _add(family: FamilyMerge, file: dbfiles.DbFile, name: str, labels: tuple, value: float, ts: float, archive: bool):
+def _add(
+    family: FamilyMerge, file: fileformat.DbFile, name: str, labels: tuple, value: float, ts: float, archive: bool
+):
     if file.kind == "gauge":
         mode = file.mode
         if mode in ("all", "liveall"):

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from email.utils import formatdate
 from urllib.parse import unquote
 
-log = logging.getLogger("promfork.server")
+log = logging.getLogger("promfork.reader.listener")
 
 _HEAD_END = b"\r\n\r\n"
 _REASONS = {

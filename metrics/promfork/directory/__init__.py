@@ -1,0 +1,1 @@
+"""The shared multiprocess directory: its file names, file format, locks, and creating, checking and wiping it."""

@@ -1,0 +1,1 @@
+"""Runs in the Gunicorn master: the hooks' bodies (hooks), folding dead workers' files (compaction) and worker slots."""
