@@ -59,7 +59,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from bench.master_port import SERIES_BOUNDS, start_gunicorn  # noqa: E402
 from promfork.config import Settings  # noqa: E402
-from promfork.directory import fileformat  # noqa: E402
+from promfork.directory import fileformat, filenames, journal  # noqa: E402
 from promfork.directory.locks import DirectoryLock  # noqa: E402
 from promfork.master import compaction  # noqa: E402
 from promfork.reader.collector import AggregatingCollector, ExpositionRegistry, LibraryMetrics  # noqa: E402
@@ -102,7 +102,7 @@ def copy_files(pids: list[int], target: str) -> None:
     wanted = {str(p) for p in pids}
     os.makedirs(target, mode=0o700)
     for name in os.listdir(SOURCE):
-        parsed = fileformat.parse_name(name)
+        parsed = filenames.parse_name(name)
         if parsed and parsed.owner in wanted:
             shutil.copy(os.path.join(SOURCE, name), target)
 
@@ -195,7 +195,7 @@ class WholeMerge:
         self.directory = directory
 
     def collect(self):
-        if compaction.needs_recovery(self.directory):
+        if journal.needs_recovery(self.directory):
             raise RuntimeError("not measured: a compaction needs recovery")
         with DirectoryLock(self.directory).hold(exclusive=False, timeout=5.0):
             names = sorted(n for n in os.listdir(self.directory) if n.endswith(".db"))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from conftest import counter_samples, samples, scrape, wait_until
 
-from promfork.directory import fileformat
+from promfork.directory import filenames
 
 Row = tuple[str, str, str]  # (method, route, status)
 CUT = (OSError, http.client.HTTPException)  # what a client sees when the worker serving it is killed
@@ -147,7 +147,7 @@ def kill_a_worker(server, attempts: int = 5) -> int:
 def file_owners(directory: Path) -> set[str]:
     """Owners of the metric files in `directory`: pids as strings, and ``archive``."""
     names = (p.name for p in directory.glob("*.db"))
-    return {f.owner for f in map(fileformat.parse_name, names) if f is not None}
+    return {f.owner for f in map(filenames.parse_name, names) if f is not None}
 
 
 def scrape_when_compacted(server, timeout: float = 20) -> dict:
@@ -156,7 +156,7 @@ def scrape_when_compacted(server, timeout: float = 20) -> dict:
     def settled():
         fams = scrape(server.port)
         live = {str(server.proc.pid), *map(str, server.worker_pids())}
-        return fams if file_owners(server.multiproc_dir) <= live | {fileformat.ARCHIVE} else None
+        return fams if file_owners(server.multiproc_dir) <= live | {filenames.ARCHIVE} else None
 
     after = wait_until(settled, timeout=timeout, interval=0.2)
     assert after is not None, f"dead workers' files were not compacted: {sorted(file_owners(server.multiproc_dir))}"

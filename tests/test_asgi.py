@@ -51,7 +51,7 @@ from starlette.routing import Mount, Route
 
 from promfork.asgi import RESPONSE_COMPLETE_KEY, PrometheusMiddleware
 from promfork.config import Settings
-from promfork.directory import fileformat
+from promfork.directory import filenames
 
 # ---------------------------------------------------------------- driving an ASGI app by hand
 
@@ -613,7 +613,7 @@ def test_fastapi_example_is_exact_under_churn_and_kill_9(worker_class, wheel_env
         def settled():
             families = scrape(server.port)
             live = {str(server.proc.pid), *map(str, server.worker_pids())}
-            compacted = file_owners(server.multiproc_dir) <= live | {fileformat.ARCHIVE}
+            compacted = file_owners(server.multiproc_dir) <= live | {filenames.ARCHIVE}
             return families if compacted and value(families, "http_requests_in_flight") == 0 else None
 
         after = wait_until(settled, timeout=30, interval=0.2)

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import chat, scrape, value, wait_until
 
-from promfork.directory import fileformat
+from promfork.directory import filenames
 
 pytestmark = pytest.mark.integration
 
@@ -35,17 +35,17 @@ def test_every_worker_lifetime_is_counted_and_files_stay_bounded(gunicorn_factor
 
     def settled():
         fams = scrape(server.port)
-        owners = {f.owner for f in map(fileformat.parse_name, (p.name for p in server.multiproc_dir.glob("*.db"))) if f}
+        owners = {f.owner for f in map(filenames.parse_name, (p.name for p in server.multiproc_dir.glob("*.db"))) if f}
         live = {str(server.proc.pid), *map(str, server.worker_pids())}
         done = value(fams, "http_requests_total", route="/v1/chat/completions", status="200") == LIFETIMES
-        return (fams, owners, live) if done and owners <= live | {fileformat.ARCHIVE} else None
+        return (fams, owners, live) if done and owners <= live | {filenames.ARCHIVE} else None
 
     result = wait_until(settled, timeout=20, interval=0.2)
     assert result is not None, "dead workers' files were not compacted (or totals never matched)"
     fams, _, live = result
     assert value(fams, "gen_ai_client_token_usage_sum", gen_ai_token_type="output") == completion_tokens
     assert value(fams, "metrics_compactions_total") >= boots - 8
-    archives = [p for p in server.multiproc_dir.glob(f"*_{fileformat.ARCHIVE}.db")]
+    archives = [p for p in server.multiproc_dir.glob(f"*_{filenames.ARCHIVE}.db")]
     assert 1 <= len(archives) <= 8
     per_pid_files = len(list(server.multiproc_dir.glob("*.db"))) - len(archives)
     assert per_pid_files <= len(live) * 6, f"{per_pid_files} files for {len(live)} live processes"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from promfork.directory import fileformat
+from promfork.directory import filenames
 from promfork.directory.locks import DirectoryLock
 from promfork.master import compaction
 from promfork.reader.collector import AggregatingCollector
@@ -124,7 +124,7 @@ def test_directory_holds_only_archives_after_many_lifetimes(mpdir):
         run_dead_workers(mpdir, 150, first=batch * 150)
         compact_all(mpdir)
     names = sorted(p.name for p in mpdir.glob("*.db") if not p.name.startswith("gauge_all_"))
-    assert all(fileformat.parse_name(n).owner == fileformat.ARCHIVE for n in names), names
+    assert all(filenames.parse_name(n).owner == filenames.ARCHIVE for n in names), names
     assert len(names) <= 8
     totals = stock_view(mpdir)
     assert totals[("jobs_total", ("kind", "a"))] == sum(n + 1 for n in range(600))
@@ -181,11 +181,12 @@ def test_crash_at_any_step_loses_and_doubles_nothing(mpdir, step):
     expected = without_live_and_all(promfork_view(mpdir))
     crash = f"""
 import os, sys
+from promfork.directory import journal
 from promfork.master import compaction
 def crash(name):
     if name == {step!r}:
         os._exit(17)
-compaction._step = crash
+compaction._step = journal._step = crash
 compaction.compact_dead_workers({str(mpdir)!r}, compaction.pids_with_files({str(mpdir)!r}))
 sys.exit(0)
 """

@@ -21,7 +21,8 @@ import pytest
 from conftest import ROOT, ExampleServer, clean_env, request, scrape, wait_until
 from exemplar_support import CHAT, ExemplarPrometheus, SentTrace, new_trace, traced_chat
 
-from promfork.directory.locks import wipe_stale_files
+from promfork.directory import filenames
+from promfork.directory.setup import wipe_stale_files
 from promfork.http.trace import bind, current_trace, parse_traceparent, request_trace, unbind
 from promfork.writer import exemplars
 
@@ -132,7 +133,7 @@ def test_a_reader_never_sees_a_torn_exemplar(mpdir):
     )  # fmt: skip
     try:
         assert writer.stdout.readline().strip() == "ready"
-        path = mpdir / exemplars.file_name(writer.pid)
+        path = mpdir / filenames.exemplar_file_name(writer.pid)
         assert wait_until(path.exists, timeout=10)
         reads = 0
         while writer.poll() is None:
@@ -157,7 +158,8 @@ def test_an_exemplar_that_cannot_be_stored_is_counted_and_never_fails_the_caller
         from prometheus_client import Histogram
         from promfork.reader.collector import library_metrics
         from promfork.config import load_settings
-        from promfork.writer.exemplars import file_name, record_trace
+        from promfork.directory.filenames import exemplar_file_name as file_name
+        from promfork.writer.exemplars import record_trace
         from promfork.http.trace import TraceContext
         library_metrics(load_settings())
         os.mkdir(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], file_name(os.getpid())))
@@ -199,7 +201,7 @@ def test_an_exemplar_that_cannot_be_written_costs_only_itself(mpdir):
         print(os.getpid())
     """
     pid = int(_run(code, mpdir).stdout.split()[-1])
-    held = exemplars.read_file(str(mpdir / exemplars.file_name(pid)))
+    held = exemplars.read_file(str(mpdir / filenames.exemplar_file_name(pid)))
     assert [trace_id for trace_id, _, _, _ in held.values()] == ["ab" * 16]
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
@@ -336,18 +338,18 @@ def test_compaction_never_takes_the_exemplar_file_of_a_live_process(mpdir):
     )  # fmt: skip
     try:
         assert writer.stdout.readline().strip() == "ready"
-        path = mpdir / exemplars.file_name(writer.pid)
+        path = mpdir / filenames.exemplar_file_name(writer.pid)
         before = path.read_bytes()
         assert exemplars.fold_dead_workers(str(mpdir), [writer.pid]) == 0
         assert path.read_bytes() == before
-        assert not (mpdir / exemplars.ARCHIVE_FILE).exists()
+        assert not (mpdir / filenames.EXEMPLAR_ARCHIVE).exists()
     finally:
         writer.stdin.close()
         writer.wait(10)
     # Once it has exited, the same call folds it.
     assert exemplars.fold_dead_workers(str(mpdir), [writer.pid]) == 1
     assert not path.exists()
-    archived = exemplars.read_file(str(mpdir / exemplars.ARCHIVE_FILE))
+    archived = exemplars.read_file(str(mpdir / filenames.EXEMPLAR_ARCHIVE))
     assert [(t, s, v) for t, s, v, _ in archived.values()] == [("ab" * 16, "cd" * 8, 0.5)]
 
 
@@ -394,7 +396,7 @@ def test_every_worker_keeps_the_traces_clients_sent_and_the_most_recent_wins_acr
 
     directory = str(server.multiproc_dir)
     for pid in server.worker_pids():
-        held = exemplars.read_file(os.path.join(directory, exemplars.file_name(pid)))
+        held = exemplars.read_file(os.path.join(directory, filenames.exemplar_file_name(pid)))
         assert held, f"worker {pid} served traced requests but kept no exemplar"
         for trace_id, span_id, _, _ in held.values():
             assert trace_id in sampled and sampled[trace_id].span_id == span_id
@@ -437,13 +439,13 @@ def test_a_dead_workers_exemplars_are_folded_into_the_archive_and_its_file_remov
     assert traced_chat(server.port, last) == 200
     directory = Path(server.multiproc_dir)
     victim = server.worker_pids()[0]
-    held = exemplars.read_file(str(directory / exemplars.file_name(victim)))
+    held = exemplars.read_file(str(directory / filenames.exemplar_file_name(victim)))
     assert held
     os.kill(victim, signal.SIGKILL)
-    assert wait_until(lambda: not (directory / exemplars.file_name(victim)).exists(), timeout=20), (
+    assert wait_until(lambda: not (directory / filenames.exemplar_file_name(victim)).exists(), timeout=20), (
         "the dead worker's exemplar file was never compacted"
     )
-    archive = exemplars.read_file(str(directory / exemplars.ARCHIVE_FILE))
+    archive = exemplars.read_file(str(directory / filenames.EXEMPLAR_ARCHIVE))
     assert archive == held
     found = exemplars.read_exemplars(str(directory))
     assert found[CHAT_BUCKET].labels["trace_id"] == last.trace_id

@@ -15,7 +15,8 @@ import pytest
 from conftest import GUNICORN, ROOT, clean_env, free_port, request, value, wait_until
 
 from promfork.config import ConfigError, load_settings
-from promfork.directory.locks import MasterLease, MultiprocDirError, ensure_directory, wipe_stale_files
+from promfork.directory.locks import MasterLease
+from promfork.directory.setup import MultiprocDirError, ensure_directory, wipe_stale_files
 
 
 @pytest.mark.parametrize(
@@ -203,7 +204,7 @@ def test_import_order_check_in_a_plain_process(tmp_path: Path):
     code = (
         "import os, prometheus_client\n"
         f"os.environ['PROMETHEUS_MULTIPROC_DIR'] = {str(tmp_path)!r}\n"
-        "from promfork.directory.locks import ensure_multiprocess_mode\n"
+        "from promfork.client import ensure_multiprocess_mode\n"
         "ensure_multiprocess_mode()\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(), capture_output=True, text=True)

@@ -24,7 +24,7 @@ from prometheus_client.mmap_dict import mmap_key
 from test_compaction import compact_all, promfork_view, run_dead_workers, stock_view, without_live_and_all
 
 from promfork.config import load_settings
-from promfork.directory import fileformat
+from promfork.directory import fileformat, filenames, locks
 from promfork.directory.locks import DirectoryLock
 from promfork.master import compaction
 
@@ -141,7 +141,7 @@ print(json.dumps({"child_status": status, "errors_held": errors._value.get()}), 
 os.unlink(filler)
 time.sleep(values.RETRY_INTERVAL + 0.1)
 requests.labels("/a").inc()  # any update retries; everything held in memory is written
-print(json.dumps({"errors": errors._value.get(), "stored": not values._process.unstored}), flush=True)
+print(json.dumps({"errors": errors._value.get(), "stored": not values._current.process.unstored}), flush=True)
 """
 
 
@@ -187,7 +187,7 @@ def test_compaction_on_a_full_disk_keeps_totals_and_catches_up(tmpfs):
     filler.unlink()
     compact_all(directory)
     assert without_live_and_all(promfork_view(directory)) == without_live_and_all(before)
-    assert all(fileformat.parse_name(p.name).owner == fileformat.ARCHIVE for p in directory.glob("*.db"))
+    assert all(filenames.parse_name(p.name).owner == filenames.ARCHIVE for p in directory.glob("*.db"))
 
 
 def test_compactor_thread_retries_until_the_disk_has_room(tmpfs):
@@ -263,7 +263,7 @@ def test_a_writer_that_opens_a_file_during_its_compaction_gets_a_new_file(mpdir:
     directory = mpdir
     wrote = run_dead_workers(directory, 1)
     path = str(directory / f"counter_{wrote[0]['pid']}.db")
-    claimed = fileformat.claim(path)
+    claimed = locks.claim(path)
     assert claimed is not None
     opened = {}
 
@@ -348,18 +348,18 @@ HELD_ON_TOP_OF_A_CONTINUED_FILE = """
 import os, sys, time
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
 from prometheus_client.mmap_dict import mmap_key
-from promfork.directory import fileformat
+from promfork.directory import fileformat, locks
 from promfork.writer import values
 assert values.install()
 path = os.path.join(sys.argv[1], f"counter_{os.getpid()}.db")
 earlier = fileformat.ValueFile(path)  # a dead process with this pid counted 5
 earlier.doubles[earlier.slot(mmap_key("jobs", "jobs_total", [], [], "Jobs."))] = 5.0
 earlier.close()
-claimed = fileformat.claim(path)  # compaction holds it while this process starts
+claimed = locks.claim(path)  # compaction holds it while this process starts
 from prometheus_client import Counter
 jobs = Counter("jobs", "Jobs.")  # cannot open its file for a second: held in memory
 jobs.inc(2)
-fileformat.release(claimed)  # compaction left it (it saw a live pid)
+locks.release(claimed)  # compaction left it (it saw a live pid)
 time.sleep(values.RETRY_INTERVAL + 0.1)
 jobs.inc(1)
 print(jobs._value.get())

@@ -115,7 +115,7 @@ def test_every_case_listed_as_not_applicable_exists_upstream(request: pytest.Fix
 
 
 def test_upstream_cases_leave_value_class_process_and_environment_as_they_were(request: pytest.FixtureRequest) -> None:
-    before = (stock_values.ValueClass, values._process, os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    before = (stock_values.ValueClass, values._current.process, os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
     result = upstream_adapter.run_case(_cases(request.config)["TestMultiProcess.test_counter_across_forks"])
     assert result.wasSuccessful()
-    assert (stock_values.ValueClass, values._process, os.environ.get("PROMETHEUS_MULTIPROC_DIR")) == before
+    assert (stock_values.ValueClass, values._current.process, os.environ.get("PROMETHEUS_MULTIPROC_DIR")) == before

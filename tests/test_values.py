@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -179,7 +180,7 @@ def test_unrolled_updates_count_what_prometheus_clients_observe_counts(bounds: t
     buckets = tuple(_Value(file, 2 + i) for i in range(len(bounds)))
     process = _Stub()
     plan = ((counter, None, ()), (total, bounds, buckets))
-    update = unrolled.compile_update(process, plan, {"_process": process}, process.layout)
+    update = unrolled.compile_update(process, plan, SimpleNamespace(process=process), process.layout)
     want_buckets = [0] * len(bounds)
     want_sum = 0.0
     for amount in amounts:
@@ -199,16 +200,20 @@ def test_unrolled_updates_leave_new_layouts_and_held_values_to_the_reference_loo
     calls = []
     process._update_slow = lambda owner, amounts: calls.append(amounts)
     file = _File(1)
-    update = unrolled.compile_update(process, ((_Value(file, 0), None, ()),), {"_process": process}, process.layout)
+    update = unrolled.compile_update(
+        process, ((_Value(file, 0), None, ()),), SimpleNamespace(process=process), process.layout
+    )
     update(3)
     process.unstored.add("held")
     update(5)
     process.unstored.clear()
     process.layout = object()  # a file remapped, a value moved, or another process
     update(7)
-    first_use = unrolled.compile_update(process, ((_Value(file, 0), None, ()),), {"_process": process}, None)
+    first_use = unrolled.compile_update(process, ((_Value(file, 0), None, ()),), SimpleNamespace(process=process), None)
     first_use(11)
-    unrolled.compile_update(process, (), {"_process": process}, None)()  # no values: the slow path, no amounts
+    unrolled.compile_update(
+        process, (), SimpleNamespace(process=process), None
+    )()  # no values: the slow path, no amounts
     assert calls == [(5,), (7,), (11,), ()] and file.doubles == [3.0]
     assert not process.lock.locked()
 

@@ -16,7 +16,7 @@ stock's multiprocess machinery:
 Upstream simulates processes inside one interpreter, by pid. Here each fake pid
 has its own ``promfork.writer.values._Process`` (its files and their writer locks), all
 open at once as live processes' would be; MmapValue follows a change of
-``promfork.writer.values._process`` as it follows a fork. A process marked dead closes
+``promfork.writer.values._current.process`` as it follows a fork. A process marked dead closes
 its files first: a dead process holds no locks, and compaction folds only
 unlocked files.
 
@@ -69,7 +69,7 @@ def _run_as(pid: int) -> None:
     process = _processes.get(pid)
     if process is None:
         process = _processes[pid] = values._Process(pid=pid)
-    values._process = process
+    values._current.process = process
 
 
 def MultiProcessValue(process_identifier: Callable[[], int] = os.getpid) -> type:
@@ -179,14 +179,14 @@ def upstream_cases(module: ModuleType) -> dict[str, tuple[type[unittest.TestCase
 
 @contextlib.contextmanager
 def _fake_processes() -> Iterator[None]:
-    saved = (stock_values.ValueClass, values._process, {name: os.environ.get(name) for name in _ENVIRONMENT})
+    saved = (stock_values.ValueClass, values._current.process, {name: os.environ.get(name) for name in _ENVIRONMENT})
     try:
         yield
     finally:
         for process in _processes.values():
             process.close()
         _processes.clear()
-        stock_values.ValueClass, values._process, environment = saved
+        stock_values.ValueClass, values._current.process, environment = saved
         for name, value in environment.items():
             if value is None:
                 os.environ.pop(name, None)

@@ -55,8 +55,8 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError(f"promfork.asgi needs Starlette ({exc}); install it with: pip install 'promfork[asgi]'") from exc
 
+from promfork.client import ensure_multiprocess_mode
 from promfork.config import Settings, load_settings
-from promfork.directory.locks import ensure_multiprocess_mode
 from promfork.http.recorder import KNOWN_METHODS, OTHER_METHOD, RESPONSE_COMPLETE_KEY, UNMATCHED, HttpRecorder
 from promfork.http.trace import bind, request_trace, unbind
 from promfork.reader.exposition import disabled_app, make_metrics_app

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
+from promfork import client
 from promfork.config import Settings
 
 HEADER = """# Metric catalogue
@@ -27,15 +28,15 @@ Generated from the metric definitions in code by `promfork.catalogue`; do not ed
 
 def _rows(registry: CollectorRegistry) -> list[tuple[str, str, str, str]]:
     rows = []
-    for collector in list(registry._collector_to_names):  # the registry's collectors, in registration order
+    for collector in client.collectors(registry):
         describe = getattr(collector, "describe", None)
         for metric in (describe() if describe else None) or collector.collect():
-            labels = getattr(collector, "_labelnames", None)
+            labels = client.declared_labels(collector)
             if labels is None:
                 labels = sorted({k for s in metric.samples for k in s.labels if k not in ("le", "quantile")})
             name = metric.name + ("_total" if metric.type == "counter" else "")
             kind = metric.type
-            mode = getattr(collector, "_multiprocess_mode", None)
+            mode = client.gauge_mode(collector)
             if kind == "gauge" and mode:
                 kind = f"gauge ({mode})"
             rows.append((name, kind, ", ".join(labels) or "—", metric.documentation))

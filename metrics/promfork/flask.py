@@ -48,8 +48,8 @@ from flask import Flask, got_request_exception, request
 from prometheus_client import CollectorRegistry
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
+from promfork.client import ensure_multiprocess_mode
 from promfork.config import Settings, load_settings
-from promfork.directory.locks import ensure_multiprocess_mode
 from promfork.http import trace as _trace
 from promfork.http.recorder import KNOWN_METHODS, RESPONSE_COMPLETE_KEY, UNMATCHED, HttpRecorder
 from promfork.http.trace import REQUEST_TRACE, bind, request_trace, unbind

@@ -54,20 +54,16 @@ against the installed prometheus-client.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import math
 import mmap
 import os
-import re
 import struct
-import time
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from prometheus_client.mmap_dict import MmapedDict
 
-ARCHIVE = "archive"
+from promfork.directory import locks
+
 _HEADER = struct.Struct("i")  # bytes used, native int, as MmapedDict writes it
 FIRST_ENTRY = _FIRST_ENTRY = 8  # the header int and 4 bytes of padding
 _INITIAL_SIZE = 1 << 16  # as MmapedDict; the file doubles when full
@@ -75,67 +71,9 @@ VALUE_SIZE = 16  # value and timestamp, two doubles
 FILE_MODE = 0o600
 pack_value = struct.Struct("dd").pack
 
-GAUGE_MODES = frozenset(
-    {"all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum", "mostrecent", "livemostrecent"}
-)
-_NAME = re.compile(r"^(counter|histogram|summary|gauge_([a-z]+))_([0-9]+|[0-9]+-[0-9]+|archive)\.db$")
-
 
 class CorruptFile(ValueError):
     """A metric file cannot be parsed."""
-
-
-@dataclass(frozen=True)
-class DbFile:
-    """One parsed file name: which kind of values it holds and which process wrote it."""
-
-    name: str
-    kind: str  # counter, histogram, summary or gauge
-    mode: str  # gauge multiprocess mode, "" for other kinds
-    owner: str  # a pid, <pid>-<inode> for a retired file, or ARCHIVE
-
-    @property
-    def prefix(self) -> str:
-        """The part before the owner: ``counter`` or ``gauge_<mode>``."""
-        return f"gauge_{self.mode}" if self.kind == "gauge" else self.kind
-
-    @property
-    def pid(self) -> int | None:
-        """The process that writes this file; None for archives and retired files, which nobody writes."""
-        return int(self.owner) if self.owner.isdigit() else None
-
-    @property
-    def retired(self) -> bool:
-        """True for a dead process's file that compaction renamed away and will fold."""
-        return "-" in self.owner
-
-    @property
-    def is_live_gauge(self) -> bool:
-        """True for gauges whose values die with their process."""
-        return self.kind == "gauge" and self.mode.startswith("live")
-
-
-def parse_name(name: str) -> DbFile | None:
-    """Parse a file name written by prometheus-client (or promfork); None if it is foreign."""
-    match = _NAME.match(name)
-    if match is None:
-        return None
-    kind, mode, owner = match.group(1), match.group(2) or "", match.group(3)
-    if kind.startswith("gauge_"):
-        if mode not in GAUGE_MODES:
-            return None
-        kind = "gauge"
-    return DbFile(name=name, kind=kind, mode=mode, owner=owner)
-
-
-def archive_name(prefix: str) -> str:
-    """The archive file that holds folded values for `prefix` (``counter``, ``gauge_max``...)."""
-    return f"{prefix}_{ARCHIVE}.db"
-
-
-def retired_name(file: DbFile, inode: int) -> str:
-    """The name a dead process's file takes when compaction retires it (unique while the file exists)."""
-    return f"{file.prefix}_{file.owner}-{inode}.db"
 
 
 Entries = dict[str, tuple[float, float]]
@@ -281,79 +219,6 @@ def write_entries(path: str, entries: Entries) -> None:
     os.close(fd)
 
 
-def _same_file(fd: int, path: str) -> bool:
-    """True when `path` still names the file open as `fd` (it was not renamed or deleted meanwhile)."""
-    try:
-        current = os.stat(path)
-    except FileNotFoundError:
-        return False
-    opened = os.fstat(fd)
-    return (current.st_ino, current.st_dev) == (opened.st_ino, opened.st_dev)
-
-
-def open_for_writing(path: str, lock_wait: float = 0.0) -> int:
-    """Open (or create, mode 0600) the file a process writes, holding a shared lock on it.
-
-    Returns a descriptor whose file is linked at `path` and cannot be claimed by
-    compaction while it stays open. Waits up to `lock_wait` seconds (none by
-    default: the value store calls this with its lock held, and a sleep there
-    would stall every thread, or under gevent every greenlet, of the process)
-    while compaction holds the file (a dead process's file, now ours by pid
-    reuse); raises OSError(EAGAIN) after that, and the caller retries later. If
-    compaction retired or deleted the file meanwhile, opens the new one.
-    """
-    deadline = time.monotonic() + lock_wait
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise OSError(errno.EAGAIN, f"{os.path.basename(path)} is held by compaction") from None
-                    time.sleep(0.001)
-            if _same_file(fd, path):
-                return fd
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)  # retired or deleted while we waited: the name now belongs to a new file
-
-
-def claim(path: str) -> int | None:
-    """Lock a dead process's file exclusively for compaction; None if a live process holds it open.
-
-    A process that has the file open through ``open_for_writing`` holds a shared
-    lock, so the claim fails and the file is left alone. While the claim is
-    held, no process can start writing the file; once it is renamed or deleted,
-    no process ever will (they reopen by name and check the inode). The caller
-    closes the descriptor when done.
-    """
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # writable: NFS grants an exclusive lock only then
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # held by a live process (or a filesystem without locks: never fold there)
-        os.close(fd)
-        return None
-    if not _same_file(fd, path):
-        release(fd)
-        return None
-    return fd
-
-
-def release(fd: int) -> None:
-    """Unlock and close a claim (unlocked first: a process forked meanwhile may hold a copy of `fd`)."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
 class ValueFile:
     """One process's file of one metric kind, open for writing values in place.
 
@@ -373,7 +238,7 @@ class ValueFile:
 
     def __init__(self, path: str, lock_wait: float = 0.0) -> None:
         self.path = path
-        self._fd = open_for_writing(path, lock_wait)
+        self._fd = locks.open_for_writing(path, lock_wait)
         self._mmap: mmap.mmap | None = None
         self.doubles: memoryview | None = None
         found = -1

@@ -1,6 +1,6 @@
-"""The multiprocess directory: create or check it, wipe it on a cold start, and lock it.
+"""The locking protocol of the multiprocess directory: every flock promfork takes, in one place.
 
-Two advisory locks (flock) live in the directory:
+Three directory locks (their files are named in promfork.directory.filenames):
 
 * ``.masters.lock`` -- every Gunicorn master holds it shared for its whole life.
   A master that can take it exclusively is alone (a cold start) and may wipe
@@ -17,6 +17,12 @@ Two advisory locks (flock) live in the directory:
   before waiting for the files lock, and a scrape passes through it shared
   before taking the files lock, so new scrapes queue behind a waiting
   compactor instead of starving it. The compactor waits a bounded time only.
+
+And one lock per value or exemplar file: the process that writes a file holds a
+shared lock on it for as long as it has it open (``open_for_writing``);
+compaction folds a dead process's file only after taking that lock exclusively
+(``claim``), so a file a live process may write is never folded or deleted,
+whatever the timing (a reused pid, a fork right after a check).
 """
 
 from __future__ import annotations
@@ -25,117 +31,29 @@ import contextlib
 import errno
 import fcntl
 import os
-import stat
-import tempfile
-import threading
 import time
 from collections.abc import Iterator
 
-from promfork.writer.exemplars import is_exemplar_file
+from promfork.directory import filenames
 
-MASTERS_LOCK = ".masters.lock"
-FILES_LOCK = ".files.lock"
-INTENT_LOCK = ".intent.lock"
-PRIVATE_MARKER = ".promfork-private"
+FILE_MODE = 0o600  # every file promfork creates: metric values are nobody else's business
 
-# Descriptors holding a transient lock. A fork while one is held copies it into
-# the child; the child closes its copy so it can never keep the lock alive
-# (flock locks belong to the open file description, shared with the parent).
-_held_fds: set[int] = set()
+# Descriptors holding a transient lock (files, intent). A fork while one is held copies it
+# into the child, which closes its copy (promfork.forks) so that it can never keep the
+# lock alive: flock locks belong to the open file description, shared with the parent.
+held_fds: set[int] = set()
 
 
-def _close_inherited_lock_fds() -> None:
-    for fd in list(_held_fds):
+def close_inherited_lock_fds() -> None:
+    """In a forked child: close the copies of the transient lock descriptors the parent held."""
+    for fd in list(held_fds):
         with contextlib.suppress(OSError):
             os.close(fd)
-    _held_fds.clear()
-
-
-os.register_at_fork(after_in_child=_close_inherited_lock_fds)
-
-# prometheus-client guards each process's metric files with a plain threading.Lock.
-# If a background thread of the Gunicorn master were inside a metric update at the
-# instant the master forks, the worker would inherit that lock held and hang on its
-# first metric update. Threads update metrics under fork_guard; fork waits for it.
-fork_guard = threading.Lock()
-os.register_at_fork(before=fork_guard.acquire, after_in_parent=fork_guard.release, after_in_child=fork_guard.release)
-
-
-class MultiprocDirError(RuntimeError):
-    """The multiprocess directory cannot be used; the message says how to fix it."""
+    held_fds.clear()
 
 
 class LockTimeout(TimeoutError):
     """A lock on the multiprocess directory was not granted in time."""
-
-
-def ensure_directory(path: str | None) -> str:
-    """Return a usable multiprocess directory, creating a private one when `path` is None.
-
-    A configured directory must be a real directory (not a symlink), writable by
-    us and not writable by everyone; it is created (mode 0700) when missing.
-    """
-    if path is None:
-        # RAM-backed when possible: metric files are mmap'ed and written on every request,
-        # and on a disk the kernel's writeback of those pages costs time for nothing.
-        shm = "/dev/shm"
-        base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
-        created = tempfile.mkdtemp(prefix="promfork-", dir=base)  # mode 0700
-        os.close(os.open(os.path.join(created, PRIVATE_MARKER), os.O_WRONLY | os.O_CREAT, 0o600))
-        return created
-    where = f"PROMETHEUS_MULTIPROC_DIR={path!r}"
-    if os.path.islink(path):
-        raise MultiprocDirError(f"{where} is a symlink; point it at a real directory")
-    if not os.path.exists(path):
-        try:
-            os.makedirs(path, mode=0o700)
-        except OSError as exc:
-            raise MultiprocDirError(f"{where} does not exist and cannot be created: {exc.strerror}") from None
-    if not os.path.isdir(path):
-        raise MultiprocDirError(f"{where} is not a directory")
-    mode = os.stat(path).st_mode
-    if mode & stat.S_IWOTH:
-        raise MultiprocDirError(f"{where} is world-writable; use a private directory (chmod 700)")
-    _check_writable(path, where)
-    return path
-
-
-def _check_writable(path: str, where: str) -> None:
-    # os.access misses read-only mounts and full disks; write a real page instead.
-    try:
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".probe-")
-    except OSError as exc:
-        raise MultiprocDirError(f"{where} is not writable: {exc.strerror}") from None
-    try:
-        os.write(fd, b"\0" * 4096)
-    except OSError as exc:
-        hint = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror
-        raise MultiprocDirError(f"{where} cannot hold metric files: {hint}") from None
-    finally:
-        os.close(fd)
-        os.unlink(probe)
-
-
-def is_private(path: str) -> bool:
-    """True when promfork created `path` itself and may delete it when the last master exits."""
-    return os.path.exists(os.path.join(path, PRIVATE_MARKER))
-
-
-def wipe_stale_files(path: str, keep_pid: int | None = None) -> int:
-    """Delete every metric, exemplar, journal and scratch file of an earlier run but `keep_pid`'s; return how many."""
-    removed = 0
-    kept = (f"_{keep_pid}.db", f"_{keep_pid}.bin")
-    for entry in os.scandir(path):
-        if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
-            continue
-        if keep_pid is not None and entry.name.endswith(kept):
-            continue
-        stale = entry.name.endswith((".db", ".new", ".journal", ".journal.tmp", ".exit", ".slot"))
-        if stale or is_exemplar_file(entry.name):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-                removed += 1
-    return removed
 
 
 class MasterLease:
@@ -147,7 +65,7 @@ class MasterLease:
 
     def acquire(self) -> bool:
         """Take the lease; return True when no other master uses the directory (cold start)."""
-        fd = os.open(os.path.join(self.path, MASTERS_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(os.path.join(self.path, filenames.MASTERS_LOCK), os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             alone = True
@@ -189,18 +107,18 @@ class DirectoryLock:
     """The files lock: shared for readers of the metric files, exclusive for compaction."""
 
     def __init__(self, path: str) -> None:
-        self.lock_path = os.path.join(path, FILES_LOCK)
-        self.intent_path = os.path.join(path, INTENT_LOCK)
+        self.lock_path = os.path.join(path, filenames.FILES_LOCK)
+        self.intent_path = os.path.join(path, filenames.INTENT_LOCK)
 
     @staticmethod
     def _acquire(path: str, exclusive: bool, deadline: float) -> int | None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         delay = 0.0005
         while True:
             try:
                 fcntl.flock(fd, mode | fcntl.LOCK_NB)
-                _held_fds.add(fd)
+                held_fds.add(fd)
                 return fd
             except BlockingIOError:
                 if time.monotonic() >= deadline:
@@ -211,7 +129,7 @@ class DirectoryLock:
 
     @staticmethod
     def _release(fd: int) -> None:
-        _held_fds.discard(fd)
+        held_fds.discard(fd)
         try:
             # Unlock explicitly: a child forked meanwhile may still hold a copy of fd.
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -251,34 +169,88 @@ class DirectoryLock:
                 self._release(fd)
 
 
-class ImportOrderError(RuntimeError):
-    """prometheus-client chose its value class before PROMETHEUS_MULTIPROC_DIR was set."""
+# Writer locks: a process holds a shared lock on every file it writes; compaction claims exclusively.
 
 
-def ensure_multiprocess_mode() -> None:
-    """Refuse to run when prometheus-client's storage mode disagrees with the environment.
+def _same_file(fd: int, path: str) -> bool:
+    """True when `path` still names the file open as `fd` (it was not renamed or deleted meanwhile)."""
+    try:
+        current = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (current.st_ino, current.st_dev) == (opened.st_ino, opened.st_dev)
 
-    prometheus-client decides once, when first imported, whether values live in
-    per-process files (PROMETHEUS_MULTIPROC_DIR set) or in memory. If the variable
-    is set only after that import, every worker keeps its numbers to itself and
-    /metrics silently shows one worker's share. Failing here turns that silent
-    bug into a start-up error.
+
+def open_for_writing(path: str, lock_wait: float = 0.0) -> int:
+    """Open (or create, mode 0600) the file a process writes, holding a shared lock on it.
+
+    Returns a descriptor whose file is linked at `path` and cannot be claimed by
+    compaction while it stays open. Waits up to `lock_wait` seconds (none by
+    default: the value store calls this with its lock held, and a sleep there
+    would stall every thread, or under gevent every greenlet, of the process)
+    while compaction holds the file (a dead process's file, now ours by pid
+    reuse); raises OSError(EAGAIN) after that, and the caller retries later. If
+    compaction retired or deleted the file meanwhile, opens the new one.
     """
-    # Imported here, not at module level: this module is loaded by gunicorn.conf.py
-    # before the directory variable is exported.
-    from prometheus_client import values
+    deadline = time.monotonic() + lock_wait
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise OSError(errno.EAGAIN, f"{os.path.basename(path)} is held by compaction") from None
+                    time.sleep(0.001)
+            if _same_file(fd, path):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # retired or deleted while we waited: the name now belongs to a new file
 
-    in_files = getattr(values.ValueClass, "_multiprocess", False)
-    wanted = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-    if wanted and not in_files:
-        raise ImportOrderError(
-            "prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR was set, so each worker "
-            "would report only its own numbers. Set PROMETHEUS_MULTIPROC_DIR before anything imports "
-            "prometheus_client (start with `gunicorn -c gunicorn.conf.py`, which does it first), and do "
-            "not import prometheus_client at the top of your gunicorn config."
-        )
-    if in_files and not wanted:
-        raise ImportOrderError(
-            "prometheus_client is in multiprocess mode but PROMETHEUS_MULTIPROC_DIR is no longer set; "
-            "do not remove it from the environment after start"
-        )
+
+def claim(path: str) -> int | None:
+    """Lock a dead process's file exclusively for compaction; None if a live process holds it open.
+
+    A process that has the file open through ``open_for_writing`` holds a shared
+    lock, so the claim fails and the file is left alone. While the claim is
+    held, no process can start writing the file; once it is renamed or deleted,
+    no process ever will (they reopen by name and check the inode). The caller
+    closes the descriptor when done.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # writable: NFS grants an exclusive lock only then
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held by a live process (or a filesystem without locks: never fold there)
+        os.close(fd)
+        return None
+    if not _same_file(fd, path):
+        release(fd)
+        return None
+    return fd
+
+
+def release(fd: int) -> None:
+    """Unlock and close a claim (unlocked first: a process forked meanwhile may hold a copy of `fd`)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def is_alive(pid: int) -> bool:
+    """True if a process with this pid exists (a zombie not yet reaped counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

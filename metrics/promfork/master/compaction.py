@@ -3,7 +3,7 @@
 Protocol (all under the exclusive files lock, so no scrape sees a half-done step):
 
 1. finish any journal left by a crashed run (roll forward), drop stray ``*.new`` files;
-2. claim each file of the dead pids: lock it exclusively (``fileformat.claim``).
+2. claim each file of the dead pids: lock it exclusively (``locks.claim``).
    A live process holds a shared lock on every file it writes (promfork's value
    store takes it when it opens the file), so a failed claim means the pid is
    alive again (pid reuse, a second master's worker during USR2, a fork right
@@ -54,7 +54,6 @@ stock does).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -63,14 +62,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from promfork.directory import fileformat
+from promfork.directory import fileformat, filenames, journal, locks, setup
 from promfork.directory.locks import DirectoryLock
 from promfork.writer import exemplars
 
 log = logging.getLogger("promfork.master.compaction")
 
-JOURNAL = "compaction.journal"
-QUARANTINE = "quarantine"
 AGGREGATING_MODES = "livesum, sum, max, min or mostrecent"
 
 
@@ -89,7 +86,7 @@ class CompactionResult:
     dropped_all_gauges: set[str] = field(default_factory=set)  # names of mode-"all" gauges dropped
 
 
-def fold(file: fileformat.DbFile, into: fileformat.Entries, entries: fileformat.Entries) -> None:
+def fold(file: filenames.DbFile, into: fileformat.Entries, entries: fileformat.Entries) -> None:
     """Fold one dead file's entries into an archive's entries, as its kind and mode mean."""
     mode = file.mode
     for key, (value, ts) in entries.items():
@@ -109,85 +106,6 @@ def fold(file: fileformat.DbFile, into: fileformat.Entries, entries: fileformat.
             into[key] = fileformat.add_exact(current, value)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_journal(directory: str, journal: dict) -> None:
-    tmp = os.path.join(directory, JOURNAL + ".tmp")
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
-        json.dump(journal, out)
-        out.flush()
-        os.fsync(out.fileno())
-    os.rename(tmp, os.path.join(directory, JOURNAL))
-    _fsync_dir(directory)
-
-
-def recover(directory: str) -> bool:
-    """Finish a committed compaction or discard an uncommitted one. Caller holds the lock exclusively.
-
-    Returns True when a committed journal was replayed.
-    """
-    replayed = False
-    path = os.path.join(directory, JOURNAL)
-    try:
-        with open(path) as src:
-            journal = json.load(src)
-    except FileNotFoundError:
-        journal = None
-    except ValueError:
-        # Only written through an atomic rename, so this is disk damage: the files
-        # it named are intact (either state), and deleting it errs on the side of
-        # a later re-fold being skipped rather than double counted.
-        log.error("promfork: %s is unreadable; discarding it", path)
-        journal = None
-        os.unlink(path)
-    if journal is not None:
-        for new, final in journal["renames"]:
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(os.path.join(directory, new), os.path.join(directory, final))
-            _step("replay_renamed")
-        for name in journal["delete"]:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(directory, name))
-            _step("replay_deleted")
-        _fsync_dir(directory)
-        os.unlink(path)
-        replayed = True
-    for entry in os.scandir(directory):
-        if entry.name.endswith(".new") or entry.name == JOURNAL + ".tmp":
-            os.unlink(entry.path)
-    return replayed
-
-
-def needs_recovery(directory: str) -> bool:
-    """True when a crashed compaction left a journal that readers must not read around."""
-    return os.path.exists(os.path.join(directory, JOURNAL))
-
-
-def quarantine(directory: str, name: str, reason: str) -> str | None:
-    """Move a damaged file out of the way (kept for inspection) and log it; return its new path.
-
-    None when it cannot be moved (gone already, or no room for the quarantine folder).
-    """
-    target_dir = os.path.join(directory, QUARANTINE)
-    target = os.path.join(target_dir, name)
-    try:
-        os.makedirs(target_dir, mode=0o700, exist_ok=True)
-        os.replace(os.path.join(directory, name), target)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        log.error("promfork: damaged metric file %s (%s) cannot be set aside: %s", name, reason, exc)
-        return None
-    log.error("promfork: set aside damaged metric file %s (%s); moved to %s", name, reason, target)
-    return target
-
-
 def _metric_names(path: str) -> set[str]:
     try:
         return {json.loads(key)[0] for key in fileformat.read_entries(path)}
@@ -195,10 +113,10 @@ def _metric_names(path: str) -> set[str]:
         return set()
 
 
-def _retire(directory: str, file: fileformat.DbFile, result: CompactionResult) -> str | None:
+def _retire(directory: str, file: filenames.DbFile, result: CompactionResult) -> str | None:
     """Claim a dead process's file; delete it (live and ``all`` gauges) or retire it. None unless retired."""
     path = os.path.join(directory, file.name)
-    fd = fileformat.claim(path)
+    fd = locks.claim(path)
     if fd is None:
         if os.path.exists(path):
             result.busy.append(file.name)
@@ -210,11 +128,11 @@ def _retire(directory: str, file: fileformat.DbFile, result: CompactionResult) -
             os.unlink(path)  # still holding the claim: nobody reopened it
             result.files_removed += 1
             return None
-        retired = fileformat.retired_name(file, os.fstat(fd).st_ino)
+        retired = filenames.retired_name(file, os.fstat(fd).st_ino)
         os.rename(path, os.path.join(directory, retired))
         return retired
     finally:
-        fileformat.release(fd)
+        locks.release(fd)
 
 
 def compact_dead_workers(directory: str, pids: Iterable[int]) -> CompactionResult:
@@ -223,24 +141,24 @@ def compact_dead_workers(directory: str, pids: Iterable[int]) -> CompactionResul
     Caller holds the files lock exclusively. Raises OSError when the archives
     cannot be written (disk full); what was done so far is safe as it stands.
     """
-    recover(directory)
+    journal.recover(directory)
     _step("recovered")
     wanted = {str(pid) for pid in pids}
     result = CompactionResult()
     names = os.listdir(directory)
     folded = set()
-    for file in filter(None, map(fileformat.parse_name, names)):
+    for file in filter(None, map(filenames.parse_name, names)):
         if file.owner in wanted and _retire(directory, file, result) is not None:
             folded.add(file.owner)
     _step("retired")
-    retired = [f for f in map(fileformat.parse_name, os.listdir(directory)) if f is not None and f.retired]
+    retired = [f for f in map(filenames.parse_name, os.listdir(directory)) if f is not None and f.retired]
     archives: dict[str, fileformat.Entries] = {}
     delete: list[str] = []
     for file in retired:
         try:
             entries = fileformat.read_entries(os.path.join(directory, file.name))
         except fileformat.CorruptFile as exc:
-            if quarantine(directory, file.name, str(exc)):
+            if setup.quarantine(directory, file.name, str(exc)):
                 result.quarantined.append(file.name)
             continue
         archive = archives.get(file.prefix)
@@ -251,18 +169,18 @@ def compact_dead_workers(directory: str, pids: Iterable[int]) -> CompactionResul
     renames = []
     try:
         for prefix, entries in archives.items():
-            final = fileformat.archive_name(prefix)
-            fileformat.write_entries(os.path.join(directory, final + ".new"), entries)
-            renames.append((final + ".new", final))
+            final = filenames.archive_name(prefix)
+            fileformat.write_entries(os.path.join(directory, filenames.scratch_name(final)), entries)
+            renames.append((filenames.scratch_name(final), final))
         _step("archives_written")
         if delete or renames:
-            _write_journal(directory, {"renames": renames, "delete": delete})
+            journal.write(directory, {"renames": renames, "delete": delete})
     except OSError:
-        recover(directory)  # drops the .new files; the retired files stay, read as they are
+        journal.recover(directory)  # drops the .new files; the retired files stay, read as they are
         raise
     _step("journal_committed")
     if delete or renames:
-        recover(directory)
+        journal.recover(directory)
         _step("done")
     result.pids = sorted(int(p) for p in folded)
     result.files_removed += len(delete)
@@ -276,13 +194,13 @@ def compact_dead_workers(directory: str, pids: Iterable[int]) -> CompactionResul
 
 
 def _read_archive(directory: str, prefix: str, result: CompactionResult) -> fileformat.Entries:
-    name = fileformat.archive_name(prefix)
+    name = filenames.archive_name(prefix)
     try:
         return fileformat.read_entries(os.path.join(directory, name))
     except FileNotFoundError:
         return {}
     except fileformat.CorruptFile as exc:
-        if quarantine(directory, name, str(exc)):
+        if setup.quarantine(directory, name, str(exc)):
             result.quarantined.append(name)
         return {}
 
@@ -291,17 +209,17 @@ def pids_with_files(directory: str) -> set[int]:
     """Every process that has metric files in `directory` (each is folded or dropped once it is dead)."""
     pids = set()
     for name in os.listdir(directory):
-        parsed = fileformat.parse_name(name)
+        parsed = filenames.parse_name(name)
         if parsed is not None and parsed.pid is not None:
             pids.add(parsed.pid)
-        elif (pid := exemplars.exemplar_file_pid(name)) is not None:
+        elif (pid := filenames.exemplar_file_pid(name)) is not None:
             pids.add(pid)
     return pids
 
 
 def has_retired_files(directory: str) -> bool:
     """True when an interrupted run left retired files to fold."""
-    return any((f := fileformat.parse_name(name)) is not None and f.retired for name in os.listdir(directory))
+    return any((f := filenames.parse_name(name)) is not None and f.retired for name in os.listdir(directory))
 
 
 def remove_live_gauges(directory: str, pid: int) -> int:
@@ -312,34 +230,20 @@ def remove_live_gauges(directory: str, pid: int) -> int:
     Returns how many files were deleted.
     """
     removed = 0
-    suffix = f"_{pid}.db"
     for name in os.listdir(directory):
-        if not name.endswith(suffix):
-            continue
-        file = fileformat.parse_name(name)
+        file = filenames.parse_name(name)
         if file is None or not file.is_live_gauge or file.pid != pid:
             continue
         path = os.path.join(directory, name)
-        fd = fileformat.claim(path)
+        fd = locks.claim(path)
         if fd is None:
             continue
         try:
             os.unlink(path)
             removed += 1
         finally:
-            fileformat.release(fd)
+            locks.release(fd)
     return removed
-
-
-def is_alive(pid: int) -> bool:
-    """True if a process with this pid exists (a zombie not yet reaped counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Compactor:
@@ -393,7 +297,7 @@ class Compactor:
     def find_orphans(self) -> set[int]:
         """Pids with files whose process no longer exists and is not ours to keep."""
         protected = self._protected()
-        return {pid for pid in pids_with_files(self.directory) if pid not in protected and not is_alive(pid)}
+        return {pid for pid in pids_with_files(self.directory) if pid not in protected and not locks.is_alive(pid)}
 
     @property
     def has_work(self) -> bool:

@@ -31,7 +31,8 @@ import sys
 from dataclasses import dataclass
 
 from promfork.config import ConfigError, Settings, load_settings
-from promfork.directory.locks import MasterLease, MultiprocDirError, ensure_directory, is_private, wipe_stale_files
+from promfork.directory.locks import MasterLease
+from promfork.directory.setup import MultiprocDirError, ensure_directory, is_private, wipe_stale_files
 
 EXIT_REASONS = ("normal", "max_requests", "timeout", "signal", "error")
 
@@ -95,7 +96,7 @@ def prepare_environment() -> Settings:
             own = os.getpid() if "prometheus_client" in sys.modules else None
             _master.stale_removed = wipe_stale_files(directory, keep_pid=own) if cold else None
             _master.lease.keep()
-        from promfork import values  # imports prometheus_client: only now that the variable is set
+        from promfork.writer import values  # imports prometheus_client: only now that the variable is set
 
         fast_values = values.install()
     _master.fast_values = fast_values
@@ -157,7 +158,7 @@ def on_starting(server) -> None:
     state = _state()
     if not state.settings.enabled or state.lease is None:
         return
-    from promfork.directory.locks import ensure_multiprocess_mode
+    from promfork.client import ensure_multiprocess_mode
     from promfork.reader.collector import library_metrics
     from promfork.reader.process import MASTER, record_slot
 
@@ -250,7 +251,7 @@ def post_fork(server, worker) -> None:
         return
     if state.server is not None:
         state.server.close_in_child()
-    from promfork.directory.locks import ensure_multiprocess_mode
+    from promfork.client import ensure_multiprocess_mode
     from promfork.reader.process import record_slot
 
     ensure_multiprocess_mode()

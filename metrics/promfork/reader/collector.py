@@ -22,11 +22,11 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from promfork import forks
 from promfork.config import Settings
-from promfork.directory import fileformat
-from promfork.directory.locks import DirectoryLock, LockTimeout, fork_guard
-from promfork.master import compaction
-from promfork.master.compaction import is_alive
+from promfork.directory import filenames, journal, locks, setup
+from promfork.directory.locks import DirectoryLock, LockTimeout
+from promfork.forks import fork_guard
 from promfork.reader.incremental import Encoder, IncrementalReader
 from promfork.reader.process import WorkerProcessCollector
 from promfork.writer import exemplars as exemplars_store
@@ -43,7 +43,7 @@ def _new_restart_lock() -> None:
     _restart_lock = threading.Lock()  # another thread may have held it at the fork
 
 
-os.register_at_fork(after_in_child=_new_restart_lock)
+forks.after_fork_in_child(forks.SCRAPE_READER, _new_restart_lock)
 
 
 class LibraryMetrics:
@@ -156,7 +156,7 @@ class AggregatingCollector(Collector):
             mutex.release()
 
     def collect(self) -> Iterable[Metric]:
-        """Merge all files; raises multiproc.LockTimeout if a compaction holds the lock too long."""
+        """Merge all files; raises LockTimeout if a compaction holds the lock too long."""
         with self._reading() as reader:
             extra, _ = self._refresh(reader)
             return reader.metrics(extra)
@@ -185,9 +185,9 @@ class AggregatingCollector(Collector):
         Damaged files are set aside; returns this scrape's own counts to add
         (see ``LibraryMetrics``) and the exemplars.
         """
-        if compaction.needs_recovery(self.directory):
+        if journal.needs_recovery(self.directory):
             with self.lock.hold(exclusive=True, timeout=self.lock_timeout):
-                compaction.recover(self.directory)
+                journal.recover(self.directory)
         with self.lock.hold(exclusive=False, timeout=self.lock_timeout):
             damaged = self._read(reader)
             found = exemplars_store.read_exemplars(self.directory) if exemplars else None
@@ -199,7 +199,7 @@ class AggregatingCollector(Collector):
 
     def _read(self, reader: IncrementalReader) -> list[str]:
         names = sorted(n for n in os.listdir(self.directory) if n.endswith(".db"))
-        foreign = [n for n in names if fileformat.parse_name(n) is None]
+        foreign = [n for n in names if filenames.parse_name(n) is None]
         unreadable = reader.update(n for n in names if n not in foreign)
         damaged = [n for n in unreadable if not self._still_being_created(n, os.path.join(self.directory, n))]
         return foreign + damaged
@@ -208,8 +208,8 @@ class AggregatingCollector(Collector):
     def _still_being_created(name: str, path: str) -> bool:
         # prometheus-client creates a file empty, sizes it, then writes its header:
         # a live process's new file can be seen headerless for an instant. Not damage.
-        pid = fileformat.parse_name(name).pid
-        if pid is None or not is_alive(pid):
+        pid = filenames.parse_name(name).pid
+        if pid is None or not locks.is_alive(pid):
             return False
         try:
             with open(path, "rb") as src:
@@ -228,16 +228,16 @@ class AggregatingCollector(Collector):
                 # A process that has the file open for writing holds a shared lock on it:
                 # never move a file someone still writes (it would write on, unseen).
                 try:
-                    claim = fileformat.claim(os.path.join(self.directory, name))
+                    claim = locks.claim(os.path.join(self.directory, name))
                 except OSError:  # not even openable for writing: left where it is
                     claim = None
                 if claim is None:
                     log.error("promfork: metric file %s unreadable this scrape; left in place (in use)", name)
                     continue
                 try:
-                    compaction.quarantine(self.directory, name, "unreadable during scrape")
+                    setup.quarantine(self.directory, name, "unreadable during scrape")
                 finally:
-                    fileformat.release(claim)
+                    locks.release(claim)
 
 
 class ExpositionRegistry(CollectorRegistry):

@@ -44,7 +44,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Exemplar, Sample
 from prometheus_client.utils import floatToGoString
 
-from promfork.directory import fileformat
+from promfork.directory import fileformat, filenames
 from promfork.reader.merge import FamilyMerge, SummedLabelSet, group_key, is_summed, orders_by_value, parse_key
 
 Encoder = Callable[[object], bytes]  # prometheus-client's generate_latest, text or OpenMetrics
@@ -57,7 +57,7 @@ class _File:
 
     __slots__ = ("__weakref__", "data", "device", "families", "info", "inode", "offsets", "rows", "slots")
 
-    def __init__(self, info: fileformat.DbFile, snapshot: fileformat.Snapshot) -> None:
+    def __init__(self, info: filenames.DbFile, snapshot: fileformat.Snapshot) -> None:
         self.info = info
         self.inode = snapshot.inode
         self.device = snapshot.device
@@ -160,7 +160,7 @@ class IncrementalReader:
                 if old is not None and self._follow(old, snapshot, changed, reshaped):
                     kept[name] = old
                     continue
-                kept[name] = file = self._parse(fileformat.parse_name(name), snapshot)
+                kept[name] = file = self._parse(filenames.parse_name(name), snapshot)
                 reshaped.update(file.families)
             except FileNotFoundError:
                 pass
@@ -168,7 +168,7 @@ class IncrementalReader:
                 # Once more, from scratch: a writer's file is headerless for an instant after
                 # its creation (and a reader without memory barriers may see a write late).
                 try:
-                    kept[name] = file = self._parse(fileformat.parse_name(name), fileformat.read_snapshot(path))
+                    kept[name] = file = self._parse(filenames.parse_name(name), fileformat.read_snapshot(path))
                     reshaped.update(file.families)
                 except FileNotFoundError:
                     pass
@@ -218,7 +218,7 @@ class IncrementalReader:
         changed += [(file, i) for i in moved]
         return True
 
-    def _parse(self, info: fileformat.DbFile, snapshot: fileformat.Snapshot) -> _File:
+    def _parse(self, info: filenames.DbFile, snapshot: fileformat.Snapshot) -> _File:
         file = _File(info, snapshot)
         if snapshot.data:
             self._add_entries(file, snapshot.data, fileformat.FIRST_ENTRY)

@@ -41,7 +41,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from promfork.directory import fileformat
+from promfork.directory import fileformat, filenames
 
 _SUMMED_GAUGES = ("sum", "livesum")
 
@@ -84,13 +84,13 @@ class FamilyMerge:
         self.recent: dict[tuple, tuple[float, float]] = {}
         self.per_pid: dict[tuple, float] = {}
 
-    def add(self, file: fileformat.DbFile, name: str, labels: tuple, value: float, ts: float) -> None:
+    def add(self, file: filenames.DbFile, name: str, labels: tuple, value: float, ts: float) -> None:
         """Add one entry of `file` (value and timestamp-or-remainder as stored)."""
-        _add(self, file, name, labels, value, ts, file.owner == fileformat.ARCHIVE)
+        _add(self, file, name, labels, value, ts, file.owner == filenames.ARCHIVE)
 
-    def add_rows(self, file: fileformat.DbFile, rows: Iterable[tuple], values: Iterable[tuple[float, float]]) -> None:
+    def add_rows(self, file: filenames.DbFile, rows: Iterable[tuple], values: Iterable[tuple[float, float]]) -> None:
         """Add entries of `file` in file order: parsed keys (as ``parse_key`` gives them) and (value, timestamp)."""
-        archive = file.owner == fileformat.ARCHIVE
+        archive = file.owner == filenames.ARCHIVE
         for (_, name, labels, _), (value, ts) in zip(rows, values, strict=True):
             _add(self, file, name, labels, value, ts, archive)
 
@@ -107,12 +107,12 @@ class FamilyMerge:
         ]
 
 
-def is_summed(file: fileformat.DbFile) -> bool:
+def is_summed(file: filenames.DbFile) -> bool:
     """True for files whose values are added up across processes (counter, histogram, summary, sum gauges)."""
     return file.kind != "gauge" or file.mode in _SUMMED_GAUGES
 
 
-def orders_by_value(file: fileformat.DbFile) -> bool:
+def orders_by_value(file: filenames.DbFile) -> bool:
     """True for files whose values decide whether a label set is exposed at all (mostrecent gauges need ts > 0)."""
     return file.kind == "gauge" and file.mode in ("mostrecent", "livemostrecent")
 
@@ -126,12 +126,12 @@ class SummedLabelSet:
     cumulative buckets, ``_count`` from the ``+Inf`` total.
     """
 
-    def __init__(self, metric_name: str, inputs: Sequence[tuple[fileformat.DbFile, str, tuple]]) -> None:
+    def __init__(self, metric_name: str, inputs: Sequence[tuple[filenames.DbFile, str, tuple]]) -> None:
         sums: dict[tuple, list[int]] = {}
         buckets: dict[float, list[int]] = {}
         bucket_labels: tuple = ()
         for i, (file, name, labels) in enumerate(inputs):
-            refs = (i, ~i) if file.owner == fileformat.ARCHIVE else (i,)  # ~i: the remainder, stored as timestamp
+            refs = (i, ~i) if file.owner == filenames.ARCHIVE else (i,)  # ~i: the remainder, stored as timestamp
             if file.kind == "histogram":
                 stripped, bucket = group_key(file, labels)
                 if bucket:
@@ -185,7 +185,7 @@ def parse_key(key: str) -> tuple[str, str, tuple, str]:
         raise ValueError(f"malformed key {key[:80]!r}") from None
 
 
-def group_key(file: fileformat.DbFile, labels: tuple) -> tuple[tuple, bool]:
+def group_key(file: filenames.DbFile, labels: tuple) -> tuple[tuple, bool]:
     """The label set a sample of `file` with `labels` is exposed under, and whether it is a histogram bucket.
 
     A label set's samples are merged and exposed together (a histogram's buckets,
@@ -224,7 +224,7 @@ def merge_files(paths: Iterable[str]) -> tuple[list[Metric], list[str]]:
     damaged: list[str] = []
     key_cache: dict = {}
     for path in paths:
-        file = fileformat.parse_name(os.path.basename(path))
+        file = filenames.parse_name(os.path.basename(path))
         try:
             rows = _parse_file(path, key_cache)
         except FileNotFoundError:
@@ -232,7 +232,7 @@ def merge_files(paths: Iterable[str]) -> tuple[list[Metric], list[str]]:
         except fileformat.CorruptFile:
             damaged.append(file.name)
             continue
-        archive = file.owner == fileformat.ARCHIVE
+        archive = file.owner == filenames.ARCHIVE
         for metric_name, name, labels, help_text, value, ts in rows:
             family = families.get(metric_name)
             if family is None:
@@ -241,9 +241,7 @@ def merge_files(paths: Iterable[str]) -> tuple[list[Metric], list[str]]:
     return [_finish(f) for f in families.values()], damaged
 
 
-def _add(
-    family: FamilyMerge, file: fileformat.DbFile, name: str, labels: tuple, value: float, ts: float, archive: bool
-):
+def _add(family: FamilyMerge, file: filenames.DbFile, name: str, labels: tuple, value: float, ts: float, archive: bool):
     if file.kind == "gauge":
         mode = file.mode
         if mode in ("all", "liveall"):

@@ -49,7 +49,7 @@ a full disk is an OSError, never SIGBUS. An exemplar that cannot be stored is
 dropped and counted in ``metrics_write_errors_total`` (promfork.writer.values); a line
 is logged at most once a minute; opening the file is retried at most once a
 second. A writer holds a shared ``flock`` on its file as the value store does
-(``fileformat.open_for_writing``), so compaction never takes a file a live process
+(``locks.open_for_writing``), so compaction never takes a file a live process
 (pid reuse included) may write. A forked child never writes its parent's file:
 it drops the inherited mapping and opens its own on its first exemplar.
 
@@ -74,7 +74,6 @@ import json
 import logging
 import mmap
 import os
-import re
 import struct
 import threading
 import time
@@ -82,7 +81,10 @@ from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from promfork import client, forks
+from promfork.directory import filenames, locks
 from promfork.http.trace import TraceContext, current_trace
+from promfork.writer import values
 
 if TYPE_CHECKING:
     from prometheus_client import Histogram
@@ -95,10 +97,8 @@ log = logging.getLogger("promfork.writer.exemplars")
 #  formatted as prometheus_client.utils.floatToGoString formats it)
 ExemplarKey = tuple[str, tuple[tuple[str, str], ...]]
 
-ARCHIVE_FILE = "exemplars_archive.bin"
 MAGIC = b"PFEX"
 VERSION = 1
-_NAME = re.compile(r"^exemplars_([0-9]+|archive)\.bin$")
 _HEADER = struct.Struct("=4sIQ")  # magic, version, bytes used
 _KEY_LENGTH = struct.Struct("=I")
 _PAYLOAD = struct.Struct("=16s8sdd")  # trace id, span id, value, timestamp (after the sequence)
@@ -112,22 +112,6 @@ LOG_INTERVAL = 60.0  # seconds between two "cannot store" lines of one process
 
 class CorruptExemplarFile(ValueError):
     """An exemplar file cannot be parsed."""
-
-
-def file_name(pid: int) -> str:
-    """The exemplar file of process `pid`."""
-    return f"exemplars_{pid}.bin"
-
-
-def is_exemplar_file(name: str) -> bool:
-    """True for a process's exemplar file or the archive."""
-    return _NAME.match(name) is not None
-
-
-def exemplar_file_pid(name: str) -> int | None:
-    """The process that writes the exemplar file `name`; None for the archive and for other names."""
-    match = _NAME.match(name)
-    return int(match.group(1)) if match is not None and match.group(1).isdigit() else None
 
 
 def _record_offset(entry: int, key_length: int) -> int:
@@ -150,10 +134,8 @@ class _ExemplarFile:
     """This process's exemplar file, mapped for writing records in place. Not thread-safe (the store's lock is)."""
 
     def __init__(self, path: str) -> None:
-        from promfork.directory import fileformat
-
         self.path = path
-        self._fd = fileformat.open_for_writing(path)
+        self._fd = locks.open_for_writing(path)
         self._mmap: mmap.mmap | None = None
         self._words: memoryview | None = None
         self.offsets: dict[ExemplarKey, int] = {}
@@ -269,7 +251,7 @@ class _Store:
         directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if not directory:
             return None  # in-memory mode: no exemplars
-        path = os.path.join(directory, file_name(self.pid))
+        path = os.path.join(directory, filenames.exemplar_file_name(self.pid))
         try:
             try:
                 self.file = _ExemplarFile(path)
@@ -290,8 +272,6 @@ class _Store:
         return self.file
 
     def _dropped(self, error: BaseException | None) -> None:
-        from promfork.writer import values
-
         self.dropped += 1
         values.count_write_errors(1)
         now = time.monotonic()
@@ -328,26 +308,23 @@ def _forked() -> None:
     inherited.close()
 
 
-os.register_at_fork(after_in_child=_forked)
+forks.after_fork_in_child(forks.EXEMPLAR_STORE, _forked)
 
 # upper bounds, and the key of each bucket
 _Buckets = tuple[tuple[float, ...], tuple[ExemplarKey, ...]]
-_bucket_keys: dict[tuple[str, tuple[str, ...]], _Buckets] = {}  # by (histogram name, label values)
+_bucket_keys: dict[tuple[object, tuple[str, ...]], _Buckets] = {}  # by (histogram, label values)
 
 
 def _buckets_of(histogram: Histogram, labelvalues: tuple[str, ...]) -> _Buckets:
-    # prometheus-client's Histogram keeps its name, label names and bounds in these
-    # attributes (promfork.writer.values relies on _upper_bounds too); tests pin the keys
-    # against the bucket samples the installed version exposes.
+    # Tests pin the keys against the bucket samples the installed version exposes.
     from prometheus_client.utils import floatToGoString
 
-    found = _bucket_keys.get((histogram._name, labelvalues))
+    found = _bucket_keys.get((histogram, labelvalues))
     if found is None:
-        bounds = tuple(histogram._upper_bounds)
-        sample = histogram._name + "_bucket"
-        labels = tuple(zip(histogram._labelnames, labelvalues, strict=True))
-        keys = tuple((sample, tuple(sorted((*labels, ("le", floatToGoString(bound)))))) for bound in bounds)
-        found = _bucket_keys[(histogram._name, labelvalues)] = (bounds, keys)
+        name, labelnames, bounds = client.histogram_identity(histogram)
+        labels = tuple(zip(labelnames, labelvalues, strict=True))
+        keys = tuple((name + "_bucket", tuple(sorted((*labels, ("le", floatToGoString(b)))))) for b in bounds)
+        found = _bucket_keys[(histogram, labelvalues)] = (bounds, keys)
     return found
 
 
@@ -480,7 +457,7 @@ def _merge_newest(into: _Records, records: _Records) -> None:
 def _read_all(directory: str) -> _Records:
     merged: _Records = {}
     for name in sorted(os.listdir(directory)):
-        if not is_exemplar_file(name):
+        if not filenames.is_exemplar_file(name):
             continue
         try:
             records = read_file(os.path.join(directory, name))
@@ -525,7 +502,7 @@ def encode_file(records: _Records) -> bytes:
 
 
 def _write_archive(directory: str, records: _Records) -> None:
-    final = os.path.join(directory, ARCHIVE_FILE)
+    final = os.path.join(directory, filenames.EXEMPLAR_ARCHIVE)
     new = final + ".new"  # compaction's recovery deletes a stray one
     with contextlib.suppress(FileNotFoundError):
         os.unlink(new)
@@ -552,19 +529,17 @@ def fold_dead_workers(directory: str, pids: Iterable[int]) -> int:
     exemplars are lost, logged). Raises OSError when the archive cannot be
     written (disk full): every file is then left as it was, for the next run.
     """
-    from promfork.directory import fileformat
-
     claimed: list[tuple[str, int]] = []
     try:
         for pid in sorted(set(pids)):
-            path = os.path.join(directory, file_name(pid))
-            fd = fileformat.claim(path)
+            path = os.path.join(directory, filenames.exemplar_file_name(pid))
+            fd = locks.claim(path)
             if fd is not None:
                 claimed.append((path, fd))
         if not claimed:
             return 0
         try:
-            archive = read_file(os.path.join(directory, ARCHIVE_FILE))
+            archive = read_file(os.path.join(directory, filenames.EXEMPLAR_ARCHIVE))
         except FileNotFoundError:
             archive = {}
         except CorruptExemplarFile as exc:
@@ -582,4 +557,4 @@ def fold_dead_workers(directory: str, pids: Iterable[int]) -> int:
         return len(claimed)
     finally:
         for _, fd in claimed:
-            fileformat.release(fd)
+            locks.release(fd)

@@ -42,34 +42,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from types import FunctionType
 
-# One factory per plan shape (None for a counter or gauge | a histogram's upper bounds, ...) and
-# namespace (each factory holds its namespace as globals, so the id stays that namespace's).
+# One factory per plan shape (None for a counter or gauge | a histogram's upper bounds, ...).
 _factories: dict[tuple, Callable] = {}
 
 
-def compile_update(samples, plan: tuple, namespace: dict, layout: object) -> Callable[..., None]:
+def compile_update(samples, plan: tuple, current, layout: object) -> Callable[..., None]:
     """The update function for `samples`, whose direct plan is `plan` ((total, bounds, buckets) per child).
 
     The function writes through each value's current file view and slot, taken
     now; it takes the slow path (``samples._update_slow``) whenever the
     process's ``layout`` is not `layout` (another process, a remapped file, a
-    moved value; None: always) or values are held in memory. `namespace` is the
-    globals of ``promfork.writer.values``: the function reads the current ``_process``
-    from it at each call (it changes in a forked child).
+    moved value; None: always) or values are held in memory. `current` holds
+    this process's value store state as ``current.process`` (replaced in a
+    forked child); the function reads it at each call. The generated code sees
+    nothing else: its globals are empty.
     """
     shape = tuple(bounds for _, bounds, _ in plan)
-    key = (id(namespace), shape)
-    factory = _factories.get(key)
+    factory = _factories.get(shape)
     if factory is None:
         code = compile(_source(shape), f"<promfork update {len(shape)} values>", "exec")
         scope: dict = {}
-        exec(code, namespace, scope)  # noqa: S102 - source built here from numbers only
-        factory = _factories[key] = FunctionType(scope["make"].__code__, namespace)
+        exec(code, {"__builtins__": {}}, scope)  # noqa: S102 - source built here from numbers only
+        factory = _factories[shape] = scope["make"]
     if any(bucket._file is not total._file for total, _, buckets in plan for bucket in buckets):
         layout = None  # never seen (a histogram's values share one file): the slow path, always
-    objects: list = [samples, layout]
+    objects: list = [current, samples, layout]
     for total, bounds, buckets in plan:
         file = total._file
         objects += (total, None if file is None else file.doubles, total._slot)
@@ -79,7 +77,7 @@ def compile_update(samples, plan: tuple, namespace: dict, layout: object) -> Cal
 
 
 def _source(shape: tuple) -> str:
-    params, amounts = ["samples", "layout"], []
+    params, amounts = ["current", "samples", "layout"], []
     for i, bounds in enumerate(shape):
         params += [f"t{i}", f"d{i}", f"s{i}"]
         if bounds is not None:
@@ -90,7 +88,7 @@ def _source(shape: tuple) -> str:
     lines = [
         f"def make({', '.join(params)}):",
         f"    def update({args}):",
-        "        process = _process",
+        "        process = current.process",
         "        lock = process.lock",
         "        lock.acquire()",
         "        try:",

@@ -37,7 +37,9 @@ import threading
 import time
 from bisect import bisect_left
 
-from promfork.directory.fileformat import CorruptFile, ValueFile, parse_name
+from promfork import client, forks
+from promfork.directory import filenames, setup
+from promfork.directory.fileformat import CorruptFile, ValueFile
 from promfork.writer.unrolled import compile_update
 
 log = logging.getLogger("promfork.writer.values")
@@ -75,13 +77,11 @@ class _Process:
                 raise RuntimeError(
                     "PROMETHEUS_MULTIPROC_DIR is not set; promfork's value store needs it in every process"
                 )
-            name = f"{prefix}_{self.pid}.db"
+            name = filenames.value_file_name(prefix, self.pid)
             try:
                 found = ValueFile(os.path.join(directory, name))
             except CorruptFile as exc:
-                from promfork.master.compaction import quarantine
-
-                quarantine(directory, name, str(exc))
+                setup.quarantine(directory, name, str(exc))
                 found = ValueFile(os.path.join(directory, name))
             self.files[prefix] = found
         return found
@@ -137,7 +137,7 @@ class _Process:
         while True:
             time.sleep(RETRY_INTERVAL)
             with self.lock:
-                if _process is not self:
+                if _current.process is not self:
                     return  # forked: this is the parent's state, not ours
                 self.retry_soon()
                 if not self.unstored:
@@ -169,7 +169,16 @@ class _Process:
             self.unstored_updates = 0
 
 
-_process = _Process()
+class _Current:
+    """Which ``_Process`` is this process's: replaced in a forked child (update functions hold this)."""
+
+    __slots__ = ("process",)
+
+    def __init__(self, process: _Process) -> None:
+        self.process = process
+
+
+_current = _Current(_Process())
 _write_errors: MmapValue | None = None  # the metrics_write_errors_total value, once registered
 
 
@@ -177,13 +186,12 @@ def _forked() -> None:
     # The child starts with its own files and lock. Its copies of the parent's
     # mappings are closed: they would hold the parent's file locks for as long as
     # the child lives, keeping compaction away from them after the parent dies.
-    global _process
-    inherited = _process
-    _process = _Process()
+    inherited = _current.process
+    _current.process = _Process()
     inherited.close()
 
 
-os.register_at_fork(after_in_child=_forked)
+forks.after_fork_in_child(forks.VALUE_STORE, _forked)
 
 
 def report_write_errors_to(counter) -> None:
@@ -224,13 +232,11 @@ class MmapValue:
     def __init__(
         self, typ, metric_name, name, labelnames, labelvalues, help_text, multiprocess_mode="", **_kwargs
     ) -> None:
-        from prometheus_client.mmap_dict import mmap_key  # the key format is prometheus-client's own
-
         self._prefix = f"gauge_{multiprocess_mode}" if typ == "gauge" else typ
-        self._key = mmap_key(metric_name, name, labelnames, labelvalues, help_text)
+        self._key = client.sample_key(metric_name, name, labelnames, labelvalues, help_text)
         self._timestamp = 0.0
         self._relative = False
-        process = _process
+        process = _current.process
         with process.lock:
             self._open(process)
 
@@ -262,7 +268,7 @@ class MmapValue:
 
     def inc(self, amount: float) -> None:
         """Add `amount` and store the new total."""
-        process = _process
+        process = _current.process
         with process.lock:
             file = self._file
             if self._owner is process and file is not None:  # the usual case, inlined
@@ -275,7 +281,7 @@ class MmapValue:
 
     def set(self, value: float, timestamp: float | None = None) -> None:
         """Store `value` (with `timestamp` for the mostrecent gauge modes)."""
-        process = _process
+        process = _current.process
         with process.lock:
             if self._owner is not process:
                 self._open(process)
@@ -291,7 +297,7 @@ class MmapValue:
 
     def get(self) -> float:
         """The current value (stored, or held in memory)."""
-        process = _process
+        process = _current.process
         with process.lock:
             if self._owner is not process:
                 self._open(process)
@@ -337,14 +343,14 @@ class Samples:
         if self._reference_only:
             return
         try:
-            self.update = compile_update(self, self._direct, globals(), layout)
+            self.update = compile_update(self, self._direct, _current, layout)
         except Exception as exc:  # a bound Python cannot compare as a literal (NaN): never fail the caller
             self._reference_only = True
             self.update = self._update_reference
             log.warning("promfork: updates of %d values use the reference loop: %s", len(self._direct), exc)
 
     def _update_reference(self, *amounts: float) -> None:
-        process = _process
+        process = _current.process
         with process.lock:
             self._update_slow(process, amounts)
 
@@ -400,27 +406,18 @@ class Samples:
 
 
 def _direct_plan(children) -> tuple | None:
-    """Per child (total, upper bounds, buckets), or None when any child is not MmapValue-backed.
-
-    The one place that knows how prometheus-client's Counter, Gauge and Histogram
-    children hold their values; tests/test_values.py pins it to the installed version.
-    """
-    from prometheus_client import Counter, Gauge, Histogram
-
+    """Per child (total, upper bounds, buckets), or None when any child is not MmapValue-backed."""
     plan = []
     for child in children:
-        if isinstance(child, Counter | Gauge):
-            total, bounds, buckets = getattr(child, "_value", None), None, ()
-        elif isinstance(child, Histogram):
-            total = getattr(child, "_sum", None)
-            bounds = tuple(getattr(child, "_upper_bounds", ()))
-            buckets = tuple(getattr(child, "_buckets", ()))
+        found = client.values_of(child)
+        if found is None:
+            return None
+        total, bounds, buckets = found
+        if bounds is not None:
             if not bounds or len(bounds) != len(buckets) or bounds[-1] != float("inf"):
                 return None
             if any(bound != bound for bound in bounds):  # NaN: only observe()'s own scan counts as stock does
                 return None
-        else:
-            return None
         if not all(type(value) is MmapValue for value in (total, *buckets)):
             return None
         plan.append((total, bounds, buckets))
@@ -434,25 +431,32 @@ def install() -> bool:
     It declines when this process already has stock values (their files exist):
     two unaware writers must never share a file. It also declines when
     prometheus_client is in in-memory mode (imported before the variable was
-    set), which ``multiproc.ensure_multiprocess_mode`` reports as an error.
+    set), which ``client.ensure_multiprocess_mode`` reports as an error, and on a
+    prometheus-client outside the tested range (``client.supported``).
     Calling it again (a config reloaded on HUP) keeps it.
     """
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not directory:
         return False
-    from prometheus_client import values
-
-    if values.ValueClass is MmapValue:
+    current = client.value_class()
+    if current is MmapValue:
         return True
-    if not getattr(values.ValueClass, "_multiprocess", False) or _has_files(directory, os.getpid()):
+    if not client.supported():
+        log.warning(
+            "promfork: prometheus-client %s is outside the tested range %s; keeping its own value class",
+            ".".join(map(str, client.installed_version())),
+            client.TESTED,
+        )
         return False
-    values.ValueClass = MmapValue
+    if not getattr(current, "_multiprocess", False) or _has_files(directory, os.getpid()):
+        return False
+    client.use_value_class(MmapValue)
     return True
 
 
 def _has_files(directory: str, pid: int) -> bool:
     try:
-        names = os.listdir(directory)
+        found = os.listdir(directory)
     except OSError:
         return False
-    return any((parsed := parse_name(name)) is not None and parsed.pid == pid for name in names)
+    return any((parsed := filenames.parse_name(name)) is not None and parsed.pid == pid for name in found)
