@@ -23,7 +23,7 @@ from exemplar_support import CHAT, ExemplarPrometheus, SentTrace, new_trace, tra
 
 from promfork.directory import filenames
 from promfork.directory.setup import wipe_stale_files
-from promfork.http.trace import bind, current_trace, parse_traceparent, request_trace, unbind
+from promfork.trace import bind, current_trace, parse_traceparent, request_trace, unbind
 from promfork.writer import exemplars
 
 CHAT_BUCKET = (
@@ -115,7 +115,7 @@ def test_a_reader_never_sees_a_torn_exemplar(mpdir):
             values.install()
             from prometheus_client import Histogram
             from promfork.writer.exemplars import record_trace
-            from promfork.http.trace import TraceContext
+            from promfork.trace import TraceContext
             h = Histogram("torn_seconds", "d", ["k"], buckets=(1.0,))
             traces = [TraceContext(f"{i:08x}" * 4, f"{i:08x}" * 2) for i in range(1, 65)]
             deadline = time.monotonic() + 3
@@ -160,7 +160,7 @@ def test_an_exemplar_that_cannot_be_stored_is_counted_and_never_fails_the_caller
         from promfork.config import load_settings
         from promfork.directory.filenames import exemplar_file_name as file_name
         from promfork.writer.exemplars import record_trace
-        from promfork.http.trace import TraceContext
+        from promfork.trace import TraceContext
         library_metrics(load_settings())
         os.mkdir(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], file_name(os.getpid())))
         h = Histogram("blocked_seconds", "d", buckets=(1.0,))
@@ -190,7 +190,7 @@ def test_an_exemplar_that_cannot_be_written_costs_only_itself(mpdir):
         from promfork.reader.collector import library_metrics
         from promfork.config import load_settings
         from promfork.writer.exemplars import record_trace
-        from promfork.http.trace import TraceContext
+        from promfork.trace import TraceContext
         library_metrics(load_settings())
         h = Histogram("kept_seconds", "d", ["path"], buckets=(1.0,))
         h.labels("/a").observe(0.5)
@@ -219,7 +219,7 @@ def test_exemplar_keys_name_the_bucket_lines_stock_prometheus_client_reads(mpdir
         values.install()
         from prometheus_client import Histogram
         from promfork.writer import exemplars
-        from promfork.http.trace import bind, parse_traceparent
+        from promfork.trace import bind, parse_traceparent
         h = Histogram("gw_op_seconds", "d", ["provider", "model"], buckets=(2.5e-05, 0.1, 1, 1e3))
         bind(parse_traceparent("00-%s-%s-01"))
         for value in (0.00001, 0.5, 7.0):
@@ -326,7 +326,7 @@ def test_compaction_never_takes_the_exemplar_file_of_a_live_process(mpdir):
             values.install()
             from prometheus_client import Histogram
             from promfork.writer.exemplars import record_trace
-            from promfork.http.trace import TraceContext
+            from promfork.trace import TraceContext
             h = Histogram("alive_seconds", "d", buckets=(1.0,))
             h.observe(0.5)
             record_trace(h, (), 0.5, TraceContext("ab" * 16, "cd" * 8))

@@ -19,7 +19,7 @@ dated version of one (``mock-small-2025-06-01``) or ``other``, a finish reason i
 one of FINISH_REASONS or ``other``, a tenant is one of the configured names (at
 most METRICS_MAX_TENANTS) or ``other``. Series known in advance start at 0.
 
-A request with a sampled trace (promfork.http.trace) leaves it as the exemplar of the
+A request with a sampled trace (promfork.trace) leaves it as the exemplar of the
 duration buckets it was counted in: the provider call's, and the request's.
 """
 
@@ -33,7 +33,7 @@ from typing import NamedTuple
 from flask import Flask
 from prometheus_client import Counter, Gauge, Histogram
 
-from promfork.http.trace import current_trace
+from promfork.trace import current_trace
 from promfork.writer.exemplars import record_trace
 from promfork.writer.values import Samples
 from webapp.pricing import PER_TOKENS, Price, price_for

@@ -32,7 +32,7 @@ and websocket scopes pass through untouched.
 
 Traces: a request with a sampled W3C ``traceparent`` header (or, when
 OpenTelemetry is in use, a sampled span current as it enters this middleware)
-has its trace bound for the request's task (``promfork.http.trace.current_trace``,
+has its trace bound for the request's task (``promfork.trace.current_trace``,
 copied into threads the app runs sync code in) and leaves it as the exemplar of
 its duration bucket (promfork.writer.exemplars). The header is found in the same pass
 over the headers that finds Content-Length.
@@ -58,8 +58,8 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 from promfork.client import ensure_multiprocess_mode
 from promfork.config import Settings, load_settings
 from promfork.http.recorder import KNOWN_METHODS, OTHER_METHOD, RESPONSE_COMPLETE_KEY, UNMATCHED, HttpRecorder
-from promfork.http.trace import bind, request_trace, unbind
 from promfork.reader.exposition import disabled_app, make_metrics_app
+from promfork.trace import bind, request_trace, unbind
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -73,7 +73,7 @@ __all__ = ["RESPONSE_COMPLETE_KEY", "PrometheusMiddleware", "route_template"]
 # of one name would write one file slot from two separate in-memory totals.
 _shared_recorders: dict[str, HttpRecorder] = {}
 _STATUS = {code: str(code) for code in range(100, 600)}
-_modules = sys.modules  # "opentelemetry.trace" in it: OpenTelemetry is in use (see promfork.http.trace)
+_modules = sys.modules  # "opentelemetry.trace" in it: OpenTelemetry is in use (see promfork.trace)
 
 
 class PrometheusMiddleware:

@@ -51,8 +51,9 @@ def build_catalogue(*definers: Callable[[CollectorRegistry, Settings], None]) ->
     """
     from promfork.http.recorder import HttpRecorder
     from promfork.master.hooks import _Lifecycle
+    from promfork.master.slots import MASTER, record_slot
     from promfork.reader.collector import LibraryMetrics
-    from promfork.reader.process import MASTER, WorkerProcessCollector, record_slot
+    from promfork.reader.process import WorkerProcessCollector
 
     settings = Settings()
     registry = CollectorRegistry()

@@ -32,7 +32,7 @@ Traces: a request with a sampled W3C ``traceparent`` header (or, when
 OpenTelemetry is in use, a sampled span current as it enters this middleware:
 put OpenTelemetry's WSGI middleware outside this one) has its trace bound for
 the whole request, streamed body and ``close()`` included
-(``promfork.http.trace.current_trace``), and leaves it as the exemplar of its
+(``promfork.trace.current_trace``), and leaves it as the exemplar of its
 duration bucket (promfork.writer.exemplars). A request without one pays a dictionary
 lookup or two.
 """
@@ -48,16 +48,16 @@ from flask import Flask, got_request_exception, request
 from prometheus_client import CollectorRegistry
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
+from promfork import trace as _trace
 from promfork.client import ensure_multiprocess_mode
 from promfork.config import Settings, load_settings
-from promfork.http import trace as _trace
 from promfork.http.recorder import KNOWN_METHODS, RESPONSE_COMPLETE_KEY, UNMATCHED, HttpRecorder
-from promfork.http.trace import REQUEST_TRACE, bind, request_trace, unbind
 from promfork.reader.exposition import disabled_app, make_metrics_app
+from promfork.trace import REQUEST_TRACE, bind, request_trace, unbind
 
 _REQUEST_KEY = "werkzeug.request"  # where Flask's request object (with its matched url_rule) is found
 _UNKNOWN_LENGTH = float("inf")  # no Content-Length: counted when the server closes the body
-_modules = sys.modules  # "opentelemetry.trace" in it: OpenTelemetry is in use (see promfork.http.trace)
+_modules = sys.modules  # "opentelemetry.trace" in it: OpenTelemetry is in use (see promfork.trace)
 
 
 class HttpMetrics:

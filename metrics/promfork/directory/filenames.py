@@ -49,6 +49,7 @@ INTENT_LOCK = ".intent.lock"
 PRIVATE_MARKER = ".promfork-private"
 
 _SLOT_SUFFIX = ".slot"
+MASTER_SLOT = "master"  # the master's own slot; workers have 0, 1, ...
 _EXIT_SUFFIX = ".exit"
 # What a cold start deletes (with exemplar files): everything a run leaves but the locks and marker.
 _STALE_SUFFIXES = (VALUE_SUFFIX, SCRATCH_SUFFIX, ".journal", ".journal.tmp", _EXIT_SUFFIX, _SLOT_SUFFIX)

@@ -7,7 +7,7 @@ series: ``http_requests_total{method,route,status}``,
 (livesum) and the request/response size histograms. Label values are bounded:
 routes are framework templates or ``UNMATCHED``, methods outside
 ``KNOWN_METHODS`` become ``other``. A request with a sampled trace
-(promfork.http.trace) also leaves its trace as the exemplar of the duration bucket
+(promfork.trace) also leaves its trace as the exemplar of the duration bucket
 it was counted in (promfork.writer.exemplars), after its values are stored.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from promfork.config import Settings
-from promfork.http.trace import TraceContext
+from promfork.trace import TraceContext
 from promfork.writer import exemplars
 from promfork.writer.values import Samples
 

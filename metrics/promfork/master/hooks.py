@@ -31,6 +31,7 @@ import sys
 from dataclasses import dataclass
 
 from promfork.config import ConfigError, Settings, load_settings
+from promfork.directory import filenames
 from promfork.directory.locks import MasterLease
 from promfork.directory.setup import MultiprocDirError, ensure_directory, is_private, wipe_stale_files
 
@@ -159,8 +160,8 @@ def on_starting(server) -> None:
     if not state.settings.enabled or state.lease is None:
         return
     from promfork.client import ensure_multiprocess_mode
+    from promfork.master.slots import MASTER, record_slot
     from promfork.reader.collector import library_metrics
-    from promfork.reader.process import MASTER, record_slot
 
     ensure_multiprocess_mode()
     if state.stale_removed is not None:
@@ -237,7 +238,7 @@ def pre_fork(server, worker) -> None:
     state = _state()
     if state.directory is None:
         return
-    from promfork.reader.process import free_slot
+    from promfork.master.slots import free_slot
 
     worker.promfork_slot = free_slot(getattr(w, "promfork_slot", -1) for w in server.WORKERS.copy().values())
     state.lifecycle.boots.inc()
@@ -252,7 +253,7 @@ def post_fork(server, worker) -> None:
     if state.server is not None:
         state.server.close_in_child()
     from promfork.client import ensure_multiprocess_mode
-    from promfork.reader.process import record_slot
+    from promfork.master.slots import record_slot
 
     ensure_multiprocess_mode()
     slot = getattr(worker, "promfork_slot", None)  # None when pre_fork is not assigned
@@ -281,7 +282,7 @@ def worker_exit(server, worker) -> None:
         reason = "max_requests" if worker.nr >= worker.max_requests else "normal"
     else:
         reason = "error"
-    path = os.path.join(state.directory, f"{os.getpid()}.exit")
+    path = os.path.join(state.directory, filenames.exit_note_name(os.getpid()))
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -302,7 +303,7 @@ def child_exit(server, worker) -> None:
         return
     from promfork.master.compaction import remove_live_gauges
 
-    note = os.path.join(state.directory, f"{worker.pid}.exit")
+    note = os.path.join(state.directory, filenames.exit_note_name(worker.pid))
     try:
         with open(note) as src:
             reason = src.read().strip()

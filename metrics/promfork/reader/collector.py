@@ -198,7 +198,7 @@ class AggregatingCollector(Collector):
         return {self._library.scrape_errors_name: len(damaged)}, found
 
     def _read(self, reader: IncrementalReader) -> list[str]:
-        names = sorted(n for n in os.listdir(self.directory) if n.endswith(".db"))
+        names = sorted(n for n in os.listdir(self.directory) if filenames.is_value_file(n))
         foreign = [n for n in names if filenames.parse_name(n) is None]
         unreadable = reader.update(n for n in names if n not in foreign)
         damaged = [n for n in unreadable if not self._still_being_created(n, os.path.join(self.directory, n))]

@@ -1,4 +1,4 @@
-"""Per-worker process metrics (memory, CPU, fds, threads), labelled by a stable worker slot.
+"""Per-worker process metrics (memory, CPU, fds, threads), read at scrape time, labelled by worker slot.
 
 Labelling by pid would add a new series for every worker that ever lived; under
 ``--max-requests`` that grows without bound. Instead the master gives each new
@@ -19,43 +19,21 @@ from collections.abc import Iterable, Mapping
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-MASTER = "master"
+from promfork.directory import filenames
+
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-
-def record_slot(directory: str, slot: str, pid: int) -> None:
-    """Write `<slot>.slot` naming `pid` (atomic replace)."""
-    path = os.path.join(directory, f"{slot}.slot")
-    tmp = f"{path}.{pid}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, str(pid).encode())
-    except OSError:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
 
 
 def read_slots(directory: str) -> dict[str, int]:
     """Every recorded slot -> pid."""
     slots = {}
     for name in os.listdir(directory):
-        if name.endswith(".slot"):
+        slot = filenames.slot_of(name)
+        if slot is not None:
             with contextlib.suppress(OSError, ValueError), open(os.path.join(directory, name)) as src:
-                slots[name[: -len(".slot")]] = int(src.read().strip())
+                slots[slot] = int(src.read().strip())
     return slots
-
-
-def free_slot(taken: Iterable[int]) -> int:
-    """The lowest slot number not in `taken`."""
-    used = set(taken)
-    slot = 0
-    while slot in used:
-        slot += 1
-    return slot
 
 
 def _boot_time() -> float:
@@ -104,7 +82,7 @@ class WorkerProcessCollector(Collector):
         if not os.path.isdir("/proc"):
             return []
         slots = read_slots(self.directory)
-        master = slots.get(MASTER)
+        master = slots.get(filenames.MASTER_SLOT)
         names = list(self.const_labels)
         labels = ["worker", *names]
         p = self.prefix
@@ -120,7 +98,7 @@ class WorkerProcessCollector(Collector):
             info = read_process(pid)
             # A slot file can outlive its worker, and its pid can be reused: trust it
             # only while the process is the master or one of the master's children.
-            if info is None or (slot != MASTER and int(info["ppid"]) != master):
+            if info is None or (slot != filenames.MASTER_SLOT and int(info["ppid"]) != master):
                 continue
             values = [slot, *self.const_labels.values()]
             rss.add_metric(values, info["rss"])

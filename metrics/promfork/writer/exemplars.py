@@ -1,7 +1,7 @@
 """Exemplars across worker processes: each process's most recent trace per histogram bucket, in a file of its own.
 
 What is stored. For every histogram bucket an observation fell in while a
-sampled trace was current (promfork.http.trace), the last such observation of each
+sampled trace was current (promfork.trace), the last such observation of each
 process: trace id, span id, the observed value and the wall-clock time it was
 observed. ``read_exemplars`` merges every process's file and the archive and
 keeps, per bucket, the most recent exemplar; the reader (promfork.reader.collector)
@@ -83,7 +83,7 @@ from typing import TYPE_CHECKING
 
 from promfork import client, forks
 from promfork.directory import filenames, locks
-from promfork.http.trace import TraceContext, current_trace
+from promfork.trace import TraceContext, current_trace
 from promfork.writer import values
 
 if TYPE_CHECKING:
@@ -503,7 +503,7 @@ def encode_file(records: _Records) -> bytes:
 
 def _write_archive(directory: str, records: _Records) -> None:
     final = os.path.join(directory, filenames.EXEMPLAR_ARCHIVE)
-    new = final + ".new"  # compaction's recovery deletes a stray one
+    new = filenames.scratch_name(final)  # compaction's recovery deletes a stray one
     with contextlib.suppress(FileNotFoundError):
         os.unlink(new)
     fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
