@@ -88,9 +88,9 @@ def test_only_client_reads_prometheus_client_internals():
                 readers.add(name)
             if isinstance(node, ast.ImportFrom) and node.module in _PRIVATE_MODULES:
                 readers.add(name)
-            if isinstance(node, ast.ImportFrom) and node.module == "prometheus_client":
-                if {alias.name for alias in node.names} & {"values", "mmap_dict"}:
-                    readers.add(name)
+            internal = isinstance(node, ast.ImportFrom) and node.module == "prometheus_client"
+            if internal and {alias.name for alias in node.names} & {"values", "mmap_dict"}:
+                readers.add(name)
         readers.update(name for s in strings(tree) if s in _PRIVATE)
     # fileformat reads archives with MmapedDict's own reader (a static method of its file format).
     assert readers <= {"promfork/client.py", "promfork/directory/fileformat.py"}, readers

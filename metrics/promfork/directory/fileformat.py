@@ -62,13 +62,13 @@ from typing import NamedTuple
 
 from prometheus_client.mmap_dict import MmapedDict
 
-from promfork.directory import locks
+from promfork.directory.locks import FILE_MODE
+from promfork.directory.mapped import MappedFile
 
 _HEADER = struct.Struct("i")  # bytes used, native int, as MmapedDict writes it
 FIRST_ENTRY = _FIRST_ENTRY = 8  # the header int and 4 bytes of padding
 _INITIAL_SIZE = 1 << 16  # as MmapedDict; the file doubles when full
 VALUE_SIZE = 16  # value and timestamp, two doubles
-FILE_MODE = 0o600
 pack_value = struct.Struct("dd").pack
 
 
@@ -219,7 +219,7 @@ def write_entries(path: str, entries: Entries) -> None:
     os.close(fd)
 
 
-class ValueFile:
+class ValueFile(MappedFile):
     """One process's file of one metric kind, open for writing values in place.
 
     ``slot(key)`` is where the key's value lives, as an index into ``doubles`` (a
@@ -236,52 +236,30 @@ class ValueFile:
     every slot handed out before stay usable.
     """
 
-    def __init__(self, path: str, lock_wait: float = 0.0) -> None:
-        self.path = path
-        self._fd = locks.open_for_writing(path, lock_wait)
-        self._mmap: mmap.mmap | None = None
-        self.doubles: memoryview | None = None
-        found = -1
-        try:
-            found = os.fstat(self._fd).st_size
-            if found % 8:
-                raise CorruptFile(f"{os.path.basename(path)}: size {found} is not a multiple of 8")
-            # Allocate every page now (a file continued from an earlier process may be sparse).
-            size = max(found, _INITIAL_SIZE)
-            os.posix_fallocate(self._fd, 0, size)
-            self._map(size)
-            self._slots: dict[str, int] = {}
-            self._used = _HEADER.unpack_from(self._mmap, 0)[0]
-            if self._used == 0:
-                self._used = _FIRST_ENTRY
-                self._mmap[0:4] = _HEADER.pack(self._used)
-            else:
-                self._index()
-        except BaseException:
-            if found == 0:  # created here, never sized: an empty file would read as damage
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-            self.close()
-            raise
+    INITIAL_SIZE = _INITIAL_SIZE
+    Damaged = CorruptFile
+
+    def opened(self, mapping: mmap.mmap) -> None:
+        """Index the entries of a continued file, or write the header of a new one."""
+        self._slots: dict[str, int] = {}
+        self._used = _HEADER.unpack_from(mapping, 0)[0]
+        if self._used == 0:
+            self._used = _FIRST_ENTRY
+            mapping[0:4] = _HEADER.pack(self._used)
+        else:
+            self._index()
 
     def _map(self, size: int) -> None:
-        mapping = mmap.mmap(self._fd, size)  # before unmapping: a failure keeps the old mapping
-        self._unmap()
-        self._size = size
-        self._mmap = mapping
-        self.doubles = memoryview(mapping).cast("d")
+        super()._map(size)
+        self.doubles = self.view
 
     def _unmap(self) -> None:
-        if self.doubles is not None:
-            self.doubles.release()  # an exported view would keep the mapping from closing
-            self.doubles = None
-        if self._mmap is not None:
-            self._mmap.close()
-            self._mmap = None
+        self.doubles = None
+        super()._unmap()
 
     def _index(self) -> None:
-        if not _FIRST_ENTRY <= self._used <= self._size:
-            raise CorruptFile(f"{os.path.basename(self.path)}: bad header (used={self._used}, size={self._size})")
+        if not _FIRST_ENTRY <= self._used <= self.size:
+            raise CorruptFile(f"{os.path.basename(self.path)}: bad header (used={self._used}, size={self.size})")
         pos = _FIRST_ENTRY
         while pos < self._used:
             length = _HEADER.unpack_from(self._mmap, pos)[0]
@@ -301,12 +279,7 @@ class ValueFile:
         if found is not None:
             return found
         entry = _encode_entry(key, 0.0, 0.0)
-        if self._used + len(entry) > self._size:
-            size = self._size
-            while self._used + len(entry) > size:
-                size *= 2
-            os.posix_fallocate(self._fd, 0, size)  # ENOSPC here, not SIGBUS on the first store
-            self._map(size)
+        self.grow_to(self._used + len(entry))
         self._mmap[self._used : self._used + len(entry)] = entry
         self._used += len(entry)
         self._mmap[0:4] = _HEADER.pack(self._used)  # only now can a reader see the entry
@@ -317,10 +290,3 @@ class ValueFile:
         """Write value and timestamp together (the mostrecent gauge modes compare timestamps)."""
         pos = slot * 8
         self._mmap[pos : pos + VALUE_SIZE] = pack_value(value, timestamp)
-
-    def close(self) -> None:
-        """Unmap, release the lock and close; the data stays in the file."""
-        self._unmap()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1

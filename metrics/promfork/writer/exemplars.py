@@ -83,6 +83,7 @@ from typing import TYPE_CHECKING
 
 from promfork import client, forks
 from promfork.directory import filenames, locks
+from promfork.directory.mapped import MappedFile
 from promfork.trace import TraceContext, current_trace
 from promfork.writer import values
 
@@ -130,50 +131,26 @@ def _decode_key(raw: bytes) -> ExemplarKey:
 # ---------------------------------------------------------------- writing
 
 
-class _ExemplarFile:
+class _ExemplarFile(MappedFile):
     """This process's exemplar file, mapped for writing records in place. Not thread-safe (the store's lock is)."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fd = locks.open_for_writing(path)
-        self._mmap: mmap.mmap | None = None
-        self._words: memoryview | None = None
+    INITIAL_SIZE = _INITIAL_SIZE
+    VIEW_FORMAT = "Q"
+    Damaged = CorruptExemplarFile
+
+    def opened(self, mapping: mmap.mmap) -> None:
+        """Index the records of a continued file, or write the header of a new one."""
         self.offsets: dict[ExemplarKey, int] = {}
-        try:
-            size = os.fstat(self._fd).st_size
-            if size % 8:
-                raise CorruptExemplarFile(f"{os.path.basename(path)}: size {size} is not a multiple of 8")
-            size = max(size, _INITIAL_SIZE)
-            os.posix_fallocate(self._fd, 0, size)  # ENOSPC here, not SIGBUS on the first store
-            self._map(size)
-            magic, version, used = _HEADER.unpack_from(self._mmap, 0)
-            if magic == b"\0\0\0\0" and used == 0:  # new (or created but never written)
-                self._used = _HEADER.size
-                self._mmap[0 : _HEADER.size] = _HEADER.pack(MAGIC, VERSION, self._used)
-            elif magic != MAGIC or version != VERSION:
-                raise CorruptExemplarFile(f"{os.path.basename(path)}: not an exemplar file of version {VERSION}")
-            else:  # a file continued from an earlier process with this pid
-                self._used = used
-                for key, offset in _entries(self._mmap, used, path):
-                    self.offsets[key] = offset
-        except BaseException:
-            self.close()
-            raise
-
-    def _map(self, size: int) -> None:
-        mapping = mmap.mmap(self._fd, size)  # before unmapping: a failure keeps the old mapping
-        self._unmap()
-        self._size = size
-        self._mmap = mapping
-        self._words = memoryview(mapping).cast("Q")
-
-    def _unmap(self) -> None:
-        if self._words is not None:
-            self._words.release()
-            self._words = None
-        if self._mmap is not None:
-            self._mmap.close()
-            self._mmap = None
+        magic, version, used = _HEADER.unpack_from(mapping, 0)
+        if magic == b"\0\0\0\0" and used == 0:  # new (or created but never written)
+            self._used = _HEADER.size
+            mapping[0 : _HEADER.size] = _HEADER.pack(MAGIC, VERSION, self._used)
+        elif magic != MAGIC or version != VERSION:
+            raise CorruptExemplarFile(f"{os.path.basename(self.path)}: not an exemplar file of version {VERSION}")
+        else:  # a file continued from an earlier process with this pid
+            self._used = used
+            for key, offset in _entries(mapping, used, self.path):
+                self.offsets[key] = offset
 
     def add(self, key: ExemplarKey) -> int:
         """Append an unwritten entry for `key`; return its record's offset. OSError when the file cannot grow."""
@@ -183,18 +160,13 @@ class _ExemplarFile:
         entry = self._used
         record = _record_offset(entry, len(encoded))
         end = record + RECORD_SIZE
-        if end > self._size:
-            size = self._size
-            while end > size:
-                size *= 2
-            os.posix_fallocate(self._fd, 0, size)
-            self._map(size)
+        self.grow_to(end)
         mapping = self._mmap
         mapping[entry : entry + 4] = _KEY_LENGTH.pack(len(encoded))
         mapping[entry + 4 : entry + 4 + len(encoded)] = encoded
         mapping[entry + 4 + len(encoded) : end] = bytes(end - entry - 4 - len(encoded))
         self._used = end
-        self._words[1] = end  # one aligned 8-byte store: only now can a reader see the entry
+        self.view[1] = end  # one aligned 8-byte store: only now can a reader see the entry
         self.offsets[key] = record
         return record
 
@@ -202,19 +174,12 @@ class _ExemplarFile:
         """Rewrite one record under its sequence lock (see the module docstring)."""
         # Packed before the record turns odd: a bad trace raises with the old record intact.
         payload = _PAYLOAD.pack(bytes.fromhex(trace.trace_id), bytes.fromhex(trace.span_id), value, timestamp)
-        words = self._words
+        words = self.view
         index = record >> 3
         odd = (words[index] + 1) | 1  # odd even if a killed writer left it odd
         words[index] = odd
         self._mmap[record + 8 : record + RECORD_SIZE] = payload
         words[index] = odd + 1
-
-    def close(self) -> None:
-        """Unmap, release the lock and close; the data stays in the file."""
-        self._unmap()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
 
 class _Store:
