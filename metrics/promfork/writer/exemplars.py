@@ -86,6 +86,7 @@ from promfork.directory import filenames, locks
 from promfork.directory.mapped import MappedFile
 from promfork.trace import TraceContext, current_trace
 from promfork.writer import values
+from promfork.writer.outage import Outage
 
 if TYPE_CHECKING:
     from prometheus_client import Histogram
@@ -107,8 +108,6 @@ RECORD_SIZE = 8 + _PAYLOAD.size  # 48
 _INITIAL_SIZE = 1 << 14
 _MAX_KEY = 1 << 16
 _READ_ATTEMPTS = 4
-RETRY_INTERVAL = 1.0  # seconds between attempts to open a file that could not be created
-LOG_INTERVAL = 60.0  # seconds between two "cannot store" lines of one process
 
 
 class CorruptExemplarFile(ValueError):
@@ -189,9 +188,7 @@ class _Store:
         self.pid = os.getpid()
         self.lock = threading.Lock()
         self.file: _ExemplarFile | None = None
-        self.retry_at = 0.0
-        self.logged_at: float | None = None
-        self.dropped = 0  # since the last log line
+        self.outage = Outage("exemplars", "dropped", self.pid)
 
     def store(self, key: ExemplarKey, trace: TraceContext, value: float) -> None:
         """Store one exemplar, or drop and count it. Never raises. Lock held."""
@@ -209,8 +206,7 @@ class _Store:
             self._dropped(exc)
 
     def _open(self) -> _ExemplarFile | None:
-        now = time.monotonic()
-        if now < self.retry_at:
+        if not self.outage.retry_due():
             self._dropped(None)
             return None
         directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -227,32 +223,14 @@ class _Store:
                     os.unlink(path)
                 self.file = _ExemplarFile(path)
         except Exception as exc:
-            self.retry_at = now + RETRY_INTERVAL
             self._dropped(exc)
             return None
-        if self.logged_at is not None:
-            log.warning("promfork: exemplars stored again in %s (pid %d)", directory, self.pid)
-            self.logged_at = None
-            self.dropped = 0
+        self.outage.recovered()
         return self.file
 
     def _dropped(self, error: BaseException | None) -> None:
-        self.dropped += 1
         values.count_write_errors(1)
-        now = time.monotonic()
-        if self.logged_at is None or now - self.logged_at >= LOG_INTERVAL:
-            reason = f": {error}" if error is not None else ""
-            log.error(
-                "promfork: cannot store exemplars in %s (pid %d)%s; %d dropped, counted in "
-                "metrics_write_errors_total; retrying every %.0fs",
-                os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
-                self.pid,
-                reason,
-                self.dropped,
-                RETRY_INTERVAL,
-            )
-            self.logged_at = now
-            self.dropped = 0
+        self.outage.failed(1, error)
 
     def close(self) -> None:
         if self.file is not None:

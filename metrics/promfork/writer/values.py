@@ -40,12 +40,10 @@ from bisect import bisect_left
 from promfork import client, forks
 from promfork.directory import filenames, setup
 from promfork.directory.fileformat import CorruptFile, ValueFile
+from promfork.writer.outage import RETRY_INTERVAL, Outage
 from promfork.writer.unrolled import compile_update
 
 log = logging.getLogger("promfork.writer.values")
-
-RETRY_INTERVAL = 1.0  # seconds between attempts to store values again
-LOG_INTERVAL = 60.0  # seconds between two "cannot store" lines of one process
 
 
 class _Process:
@@ -56,9 +54,7 @@ class _Process:
         self.files: dict[str, ValueFile] = {}
         self.lock = threading.Lock()
         self.unstored: set[MmapValue] = set()  # values held in memory only, until storage works again
-        self.unstored_updates = 0  # since the last log line
-        self.retry_at = 0.0
-        self.logged_at: float | None = None
+        self.outage = Outage("metric values", "held in memory", self.pid)
         self.retrying = False  # a thread is storing what is held
         # Replaced whenever a file of this process is remapped or a value moves: update
         # functions (promfork.writer.unrolled) holding views and slots from before then take the slow path.
@@ -104,24 +100,10 @@ class _Process:
 
     def held_in_memory(self, count: int, error: BaseException | None = None) -> None:
         """Note `count` updates that could not be stored; count them, log (rate-limited) and retry. Lock held."""
-        self.unstored_updates += count
         counter = _write_errors
         if counter is not None:
             _add(counter, float(count), self)
-        now = time.monotonic()
-        if self.logged_at is None or now - self.logged_at >= LOG_INTERVAL:
-            reason = f": {error}" if error is not None else ""
-            log.error(
-                "promfork: cannot store metric values in %s (pid %d)%s; %d updates held in memory, "
-                "counted in metrics_write_errors_total; retrying every %.0fs",
-                os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
-                self.pid,
-                reason,
-                self.unstored_updates,
-                RETRY_INTERVAL,
-            )
-            self.logged_at = now
-            self.unstored_updates = 0
+        self.outage.failed(count, error)
         self.retry_soon()
         if self.unstored and not self.retrying:
             # An idle process gets no updates to retry on: this thread stores what it holds.
@@ -146,9 +128,7 @@ class _Process:
 
     def retry_soon(self) -> None:
         """Try to store the values held in memory, unless the last attempt was under a second ago. Lock held."""
-        now = time.monotonic()
-        if now >= self.retry_at:
-            self.retry_at = now + RETRY_INTERVAL
+        if self.outage.retry_due():
             self.store_again()
 
     def store_again(self) -> None:
@@ -159,14 +139,7 @@ class _Process:
                 self.unstored.discard(value)
         if self.unstored:
             return
-        if self.logged_at is not None:
-            log.warning(
-                "promfork: metric values stored again in %s (pid %d)",
-                os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
-                self.pid,
-            )
-            self.logged_at = None
-            self.unstored_updates = 0
+        self.outage.recovered()
 
 
 class _Current:
