@@ -50,7 +50,7 @@ from promfork.writer import values
 NOT_APPLICABLE: dict[str, str] = {
     "TestMultiProcess.test_gauge_all": (
         "promfork drops a dead process's multiprocess_mode='all' gauge series when it compacts the process "
-        "(kept, they would add a series for every worker that ever lived; see metrics/compaction.py), so "
+        "(kept, they would add a series for every worker that ever lived; see promfork/master/compaction.py), so "
         "pid 123's series is gone after mark_process_dead(123)"
     ),
     "TestMultiProcessDeprecation.test_deprecation_warning": (

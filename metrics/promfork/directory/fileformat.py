@@ -47,7 +47,7 @@ scrape reader (promfork.reader.incremental) reads snapshots of a file's used byt
 (``index_entries``), so that it parses only what was appended. ``ValueFile`` is
 the write path of the workers' hot loop: the same layout, written byte for byte
 as ``MmapedDict`` writes it, with each value's position handed to its owner so
-that an update is one aligned 8-byte store. ``tests/test_dbfiles.py`` pins both
+that an update is one aligned 8-byte store. ``tests/test_fileformat.py`` pins both
 against the installed prometheus-client.
 """
 
