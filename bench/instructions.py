@@ -41,14 +41,17 @@ def drive(requests: int) -> None:
     """In the measured process: build the app as gunicorn.conf.py would and serve `requests` requests.
 
     The library of the checkout being measured (the current directory) is the one
-    imported: as `promfork` from its metrics/ folder, or as `metrics` in revisions
-    from before the package was named.
+    imported: from metrics/promfork/, or (older revisions) as `promfork` mapped onto
+    metrics/, or as `metrics` before the package was named.
     """
     import importlib
     import types
 
     here = os.getcwd()
-    if os.path.exists(os.path.join(here, "metrics", "__init__.py")):
+    if os.path.exists(os.path.join(here, "metrics", "promfork", "__init__.py")):
+        sys.path.insert(0, os.path.join(here, "metrics"))  # ahead of the installed (editable) promfork
+        hooks = importlib.import_module("promfork.gunicorn")
+    elif os.path.exists(os.path.join(here, "metrics", "__init__.py")):
         package = types.ModuleType("promfork")
         package.__path__ = [os.path.join(here, "metrics")]  # not the installed (editable) promfork
         sys.modules["promfork"] = package

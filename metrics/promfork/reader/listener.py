@@ -256,8 +256,10 @@ class MetricsServer:
         except Exception:
             log.exception("promfork: metrics listener cannot render /metrics")
             status, headers, body = "500 Internal Server Error", [("Content-Type", "text/plain")], b"render failed\n"
-        headers = [(k, v) for k, v in headers if k.lower() not in ("content-length", "connection")]
-        headers += [("Content-Length", str(len(body))), ("Date", formatdate(usegmt=True))]
+        headers = [(k, v) for k, v in headers if k.lower() != "connection"]
+        if not any(k.lower() == "content-length" for k, _ in headers):
+            headers.append(("Content-Length", str(len(body))))  # HEAD: the app's own length, if it gave one
+        headers.append(("Date", formatdate(usegmt=True)))
         if environ["REQUEST_METHOD"] == "HEAD":
             body = b""
         return _head(status, headers, keep_alive) + body
