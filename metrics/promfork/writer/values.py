@@ -188,16 +188,25 @@ def _add(value: MmapValue, amount: float, process: _Process) -> bool:
     """Add `amount` to `value` in `process`; True when stored, False when held in memory. Lock held."""
     if value._owner is not process:
         value._open(process)
-    value._value = total = value._value + amount
     file = value._file
     if file is None:
+        value._value += amount
         return False
-    file.doubles[value._slot] = total
+    doubles, slot = file.doubles, value._slot
+    doubles[slot] = doubles[slot] + amount
     return True
 
 
 class MmapValue:
-    """One sample of one series, stored in this process's metric file (prometheus-client's value interface)."""
+    """One sample of one series, stored in this process's metric file (prometheus-client's value interface).
+
+    The file holds the value: an update adds to what the file holds, under the
+    process's lock, so however many MmapValue objects a process has for one
+    series (two apps, an app factory called twice, a metric declared twice),
+    each update counts once. ``_value`` is used only while the value is held in
+    memory (``_file`` is None): then it is what was added on top of the stored
+    value (``_relative``), or an absolute value that was set.
+    """
 
     _multiprocess = True
     __slots__ = ("__weakref__", "_file", "_key", "_owner", "_prefix", "_relative", "_slot", "_timestamp", "_value")
@@ -227,17 +236,17 @@ class MmapValue:
             process.unstored.add(self)
             process.held_in_memory(0, exc)
             return
-        self._file, self._slot, self._value, self._relative = file, slot, file.doubles[slot], False
+        self._file, self._slot, self._value, self._relative = file, slot, 0.0, False
         self._owner = process  # last: an interrupted open leaves the value to be opened again
 
     def _store_held(self, process: _Process) -> None:
         """Write the value held in memory to its file; raises while that is still impossible. Lock held."""
         file, slot = process.place(self._prefix, self._key)
         process.layout = object()  # this value now lives in a file
-        if self._relative:  # increments on top of a value never read (a continued file): add them
-            self._value += file.doubles[slot]
-        file.set(slot, self._value, self._timestamp)
-        self._file, self._slot, self._relative = file, slot, False
+        # Held increments add to what the file holds now (other objects of the series may have added too).
+        value = file.doubles[slot] + self._value if self._relative else self._value
+        file.set(slot, value, self._timestamp)
+        self._file, self._slot, self._value, self._relative = file, slot, 0.0, False
 
     def inc(self, amount: float) -> None:
         """Add `amount` and store the new total."""
@@ -245,8 +254,8 @@ class MmapValue:
         with process.lock:
             file = self._file
             if self._owner is process and file is not None:  # the usual case, inlined
-                self._value = value = self._value + amount
-                file.doubles[self._slot] = value
+                doubles, slot = file.doubles, self._slot
+                doubles[slot] = doubles[slot] + amount
                 if process.unstored:
                     process.retry_soon()
             elif not _add(self, amount, process):
@@ -258,10 +267,9 @@ class MmapValue:
         with process.lock:
             if self._owner is not process:
                 self._open(process)
-            self._value = value
             self._timestamp = timestamp or 0.0
-            self._relative = False  # an absolute value now
             if self._file is None:
+                self._value, self._relative = value, False  # an absolute value now
                 process.held_in_memory(1)
                 return
             self._file.set(self._slot, value, self._timestamp)
@@ -274,7 +282,8 @@ class MmapValue:
         with process.lock:
             if self._owner is not process:
                 self._open(process)
-            return self._value
+            file = self._file
+            return self._value if file is None else file.doubles[self._slot]
 
     def set_exemplar(self, exemplar) -> None:
         """Exemplars are not kept in multiprocess mode (as in prometheus-client)."""
@@ -344,14 +353,14 @@ class Samples:
             self._update_held(process, amounts)
             return
         for (total, bounds, buckets), amount in zip(self._direct, amounts):  # noqa: B905
-            total._value = value = total._value + amount
-            total._file.doubles[total._slot] = value
+            doubles, slot = total._file.doubles, total._slot
+            doubles[slot] = doubles[slot] + amount
             if bounds is not None:
                 index = bisect_left(bounds, amount)
                 if amount <= bounds[index]:  # False for NaN, which no bucket counts
                     bucket = buckets[index]
-                    bucket._value = value = bucket._value + 1.0
-                    bucket._file.doubles[bucket._slot] = value
+                    doubles, slot = bucket._file.doubles, bucket._slot
+                    doubles[slot] = doubles[slot] + 1.0
         # Every value is in a file of this process now: the fast path, for these views and slots.
         self._make_update(process.layout)
 
