@@ -50,6 +50,7 @@ class _MasterState:
     server: object | None = None  # promfork.reader.listener.MetricsServer
     fast_values: bool = False  # promfork.writer.values.MmapValue stores the values (else prometheus-client's class)
     stale_removed: int | None = None  # files of earlier runs wiped at a cold start; None when shared
+    wiring_checked: bool = False  # the config's hooks were checked (_check_wiring)
 
 
 _master: _MasterState | None = None
@@ -157,6 +158,7 @@ class _Lifecycle:
 def on_starting(server) -> None:
     """Master start: report the directory and the value store, create the lifecycle metrics."""
     state = _state()
+    _check_wiring(server)
     if not state.settings.enabled or state.lease is None:
         return
     from promfork.client import ensure_multiprocess_mode
@@ -188,6 +190,7 @@ def on_starting(server) -> None:
 def when_ready(server) -> None:
     """Master ready: start the compactor thread and, with METRICS_PORT, the master's metrics listener."""
     state = _state()
+    _check_wiring(server)
     if state.directory is None:
         return
 
@@ -384,3 +387,43 @@ def on_exit(server) -> None:
         state.compactor.stop()
     if state.lease is not None and state.lease.release_if_last() and is_private(state.directory):
         shutil.rmtree(state.directory, ignore_errors=True)
+
+
+# Every hook promfork has, and what a config that does not run it loses (see _check_wiring).
+_LOSSES = {
+    "on_starting": "lifecycle metrics and the master's process metrics",
+    "when_ready": "compaction of dead workers' files (they pile up) and the METRICS_PORT listener",
+    "pre_fork": "worker slots (per-slot process_* metrics) and gunicorn_worker_boots_total",
+    "post_fork": "the import-order check and closing the METRICS_PORT listener in workers",
+    "worker_abort": "exits by timeout (counted as 'signal')",
+    "worker_exit": "exit reasons normal and max_requests (counted as 'signal')",
+    "child_exit": "exit counts, dead workers' live gauges and their compaction",
+    "nworkers_changed": "gunicorn_workers_configured after TTIN/TTOU",
+    "on_reload": "gunicorn_master_reloads_total",
+    "on_exit": "a clean stop of the compactor and listener, and removing the private directory",
+    "on_dirty_starting": "compaction of dead dirty workers' files",
+    "dirty_worker_exit": "compaction of dead dirty workers' files",
+}
+HOOKS = {name: globals()[name] for name in _LOSSES}
+for _name, _hook in HOOKS.items():
+    _hook.promfork_hook = _name  # a chained hook (promfork.gunicorn.install) carries the same mark
+
+
+def missing_hooks(cfg) -> list[str]:
+    """A line per promfork hook that this Gunicorn has and `cfg` does not run, saying what is lost."""
+    lines = []
+    for name, lost in _LOSSES.items():
+        setting = cfg.settings.get(name)
+        if setting is not None and getattr(setting.get(), "promfork_hook", None) != name:
+            lines.append(f"promfork: gunicorn.conf.py does not run promfork's {name} hook: no {lost}")
+    return lines
+
+
+def _check_wiring(server) -> None:
+    """Once per master: warn about every promfork hook the config left out."""
+    state = _state()
+    if state.wiring_checked:
+        return
+    state.wiring_checked = True
+    for line in missing_hooks(server.cfg):
+        server.log.warning(line)
