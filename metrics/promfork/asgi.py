@@ -47,18 +47,15 @@ from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from time import perf_counter
 from typing import Any
 
-from prometheus_client import CollectorRegistry
-
 try:
     import anyio.to_thread
     from starlette.routing import Match
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError(f"promfork.asgi needs Starlette ({exc}); install it with: pip install 'promfork[asgi]'") from exc
 
-from promfork.client import ensure_multiprocess_mode
-from promfork.config import Settings, load_settings
+from promfork.config import Settings
 from promfork.http.recorder import KNOWN_METHODS, OTHER_METHOD, RESPONSE_COMPLETE_KEY, UNMATCHED, HttpRecorder
-from promfork.reader.exposition import disabled_app, make_metrics_app
+from promfork.http.setup import instrument
 from promfork.trace import bind, request_trace, unbind
 
 Scope = MutableMapping[str, Any]
@@ -69,9 +66,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 __all__ = ["RESPONSE_COMPLETE_KEY", "PrometheusMiddleware", "route_template"]
 
-# One recorder per namespace and process in multiprocess mode: two metric objects
-# of one name would write one file slot from two separate in-memory totals.
-_shared_recorders: dict[str, HttpRecorder] = {}
 _STATUS = {code: str(code) for code in range(100, 600)}
 _modules = sys.modules  # "opentelemetry.trace" in it: OpenTelemetry is in use (see promfork.trace)
 
@@ -81,7 +75,7 @@ class PrometheusMiddleware:
 
     `settings` defaults to the METRICS_* environment (``promfork.config``). In
     multiprocess mode (PROMETHEUS_MULTIPROC_DIR set, as under a gunicorn.conf.py
-    calling ``promfork.gunicorn.prepare_environment``) /metrics aggregates every
+    calling ``promfork.gunicorn.install``) /metrics aggregates every
     worker; otherwise the app gets a private in-memory registry, ``registry``.
     Add it last (outermost) so that /metrics is served outside any auth or other
     middleware of the app.
@@ -93,24 +87,10 @@ class PrometheusMiddleware:
         self.app = app
         self._routing = _routing_of(app)
         self.metrics_path = metrics_path.rstrip("/") or "/"
-        self.settings = settings = settings or load_settings()
-        self.registry: CollectorRegistry | None = None
-        self.recorder: HttpRecorder | None = None
-        if not settings.enabled:
-            self._metrics_app: Callable = disabled_app
-            self._threaded = False
-            return
-        ensure_multiprocess_mode()
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            from promfork.reader.collector import exposition_registry
-
-            self.recorder = _shared_recorder(settings)
-            exposed = exposition_registry(settings)
-        else:
-            self.registry = exposed = CollectorRegistry()
-            self.recorder = HttpRecorder(settings, self.registry)
-        self._metrics_app = make_metrics_app(exposed, settings.auth_token)
-        self._threaded = True
+        parts = instrument(settings)
+        self.settings, self.registry, self.recorder = parts.settings, parts.registry, parts.recorder
+        self._metrics_app: Callable = parts.metrics_app
+        self._threaded = parts.recorder is not None  # a scrape reads files under a lock: off the event loop
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -177,13 +157,6 @@ def _routing_of(app: Any) -> Any:
             return app
         app = getattr(app, "app", None)
     return None
-
-
-def _shared_recorder(settings: Settings) -> HttpRecorder:
-    found = _shared_recorders.get(settings.namespace)
-    if found is None:
-        found = _shared_recorders[settings.namespace] = HttpRecorder(settings, None)
-    return found
 
 
 def route_template(routes: Sequence[Any], scope: Scope) -> str | None:
