@@ -141,7 +141,7 @@ class _File:
 
 
 class _Value:
-    """What the unrolled code reads of an MmapValue: its file and slot (the file holds the value)."""
+    """What the unrolled code touches of an MmapValue: the value held in memory, its file and slot."""
 
     def __init__(self, file: _File, slot: int) -> None:
         self._value, self._file, self._slot = 0.0, file, slot
@@ -190,8 +190,8 @@ def test_unrolled_updates_count_what_prometheus_clients_observe_counts(bounds: t
             if amount <= bound:
                 want_buckets[i] += 1
                 break
-    assert file.doubles[0] == len(amounts)
-    assert same(file.doubles[1], want_sum)
+    assert file.doubles[0] == counter._value == len(amounts)
+    assert same(file.doubles[1], want_sum) and same(total._value, want_sum)
     assert file.doubles[2:] == [float(n) for n in want_buckets]
 
 

@@ -10,14 +10,17 @@ turned into Python source once per shape:
 
     def update(a0, a1):
         ... lock taken, fast case checked ...
-        d0[s0] = d0[s0] + a0                    # a counter: add to what the file holds
-        d1[s1] = d1[s1] + a1                    # a histogram: its sum...
+        t0._value = v = t0._value + a0          # a counter: add, store
+        d0[s0] = v
+        t1._value = v = t1._value + a1          # a histogram: its sum...
+        d1[s1] = v
         if a1 <= 0.1:                           # ...and its bucket, by comparisons
             ...                                 # against the bounds as constants
                 j = 1
         if j is not None:
-            b = ks1[j]
-            d1[b] = d1[b] + 1.0
+            b = k1[j]
+            b._value = v = b._value + 1.0
+            d1[ks1[j]] = v
 
 The bucket is the first upper bound not below the amount, as in
 prometheus-client's ``Histogram.observe``; NaN is in no bucket (every
@@ -67,18 +70,18 @@ def compile_update(samples, plan: tuple, current, layout: object) -> Callable[..
     objects: list = [current, samples, layout]
     for total, bounds, buckets in plan:
         file = total._file
-        objects += (None if file is None else file.doubles, total._slot)
+        objects += (total, None if file is None else file.doubles, total._slot)
         if bounds is not None:  # a histogram's buckets live in its sum's file
-            objects.append(tuple(bucket._slot for bucket in buckets))
+            objects += (buckets, tuple(bucket._slot for bucket in buckets))
     return factory(*objects)
 
 
 def _source(shape: tuple) -> str:
     params, amounts = ["current", "samples", "layout"], []
     for i, bounds in enumerate(shape):
-        params += [f"d{i}", f"s{i}"]
+        params += [f"t{i}", f"d{i}", f"s{i}"]
         if bounds is not None:
-            params.append(f"ks{i}")
+            params += [f"k{i}", f"ks{i}"]
         amounts.append(f"a{i}")
     args = ", ".join(amounts)
     packed = f"({args},)" if amounts else "()"
@@ -95,14 +98,18 @@ def _source(shape: tuple) -> str:
     ]
     body = "            "
     for i, bounds in enumerate(shape):
-        lines.append(f"{body}d{i}[s{i}] = d{i}[s{i}] + a{i}")
+        lines += [
+            f"{body}t{i}._value = v = t{i}._value + a{i}",
+            f"{body}d{i}[s{i}] = v",
+        ]
         if bounds is None:
             continue
         _search(lines, f"a{i}", bounds, 0, len(bounds) - 1, body)
         lines += [
             f"{body}if j is not None:",
-            f"{body}    b = ks{i}[j]",
-            f"{body}    d{i}[b] = d{i}[b] + 1.0",
+            f"{body}    b = k{i}[j]",
+            f"{body}    b._value = v = b._value + 1.0",
+            f"{body}    d{i}[ks{i}[j]] = v",
         ]
     lines += [
         "        finally:",

@@ -35,6 +35,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from bisect import bisect_left
 
 from promfork import client, forks
@@ -152,6 +153,8 @@ class _Current:
 
 
 _current = _Current(_Process())
+# Every MmapValue by (class, file prefix, sample key): one object per series (see MmapValue).
+_series: weakref.WeakValueDictionary[tuple, MmapValue] = weakref.WeakValueDictionary()
 _write_errors: MmapValue | None = None  # the metrics_write_errors_total value, once registered
 
 
@@ -188,39 +191,45 @@ def _add(value: MmapValue, amount: float, process: _Process) -> bool:
     """Add `amount` to `value` in `process`; True when stored, False when held in memory. Lock held."""
     if value._owner is not process:
         value._open(process)
+    value._value = total = value._value + amount
     file = value._file
     if file is None:
-        value._value += amount
         return False
-    doubles, slot = file.doubles, value._slot
-    doubles[slot] = doubles[slot] + amount
+    file.doubles[value._slot] = total
     return True
 
 
 class MmapValue:
     """One sample of one series, stored in this process's metric file (prometheus-client's value interface).
 
-    The file holds the value: an update adds to what the file holds, under the
-    process's lock, so however many MmapValue objects a process has for one
-    series (two apps, an app factory called twice, a metric declared twice),
-    each update counts once. ``_value`` is used only while the value is held in
-    memory (``_file`` is None): then it is what was added on top of the stored
-    value (``_relative``), or an absolute value that was set.
+    One object per series: constructing a value for a series this process already
+    has returns the existing object, so however many metric objects hold the
+    series (two apps in one worker, an app factory called twice, a metric
+    declared twice), they update one in-memory total and each update counts
+    once. prometheus-client's own value class keeps one total per metric object
+    instead, and the last writer wins.
     """
 
     _multiprocess = True
     __slots__ = ("__weakref__", "_file", "_key", "_owner", "_prefix", "_relative", "_slot", "_timestamp", "_value")
 
-    def __init__(
-        self, typ, metric_name, name, labelnames, labelvalues, help_text, multiprocess_mode="", **_kwargs
-    ) -> None:
-        self._prefix = f"gauge_{multiprocess_mode}" if typ == "gauge" else typ
-        self._key = client.sample_key(metric_name, name, labelnames, labelvalues, help_text)
-        self._timestamp = 0.0
-        self._relative = False
+    def __new__(cls, typ, metric_name, name, labelnames, labelvalues, help_text, multiprocess_mode="", **_kwargs):
+        prefix = f"gauge_{multiprocess_mode}" if typ == "gauge" else typ
+        key = client.sample_key(metric_name, name, labelnames, labelvalues, help_text)
+        with _current.process.lock:
+            found = _series.get((cls, prefix, key))
+            if found is None:
+                found = _series[(cls, prefix, key)] = object.__new__(cls)
+                found._prefix, found._key, found._owner, found._file = prefix, key, None, None
+                found._timestamp, found._relative, found._value, found._slot = 0.0, False, 0.0, -1
+        return found
+
+    def __init__(self, *_args, **_kwargs) -> None:
+        """Open the series in this process's file, unless this object was made for it already."""
         process = _current.process
         with process.lock:
-            self._open(process)
+            if self._owner is None:
+                self._open(process)
 
     def _open(self, process: _Process) -> None:
         """Find (or create) this sample in `process`'s file and load its stored value. Lock held.
@@ -236,17 +245,17 @@ class MmapValue:
             process.unstored.add(self)
             process.held_in_memory(0, exc)
             return
-        self._file, self._slot, self._value, self._relative = file, slot, 0.0, False
+        self._file, self._slot, self._value, self._relative = file, slot, file.doubles[slot], False
         self._owner = process  # last: an interrupted open leaves the value to be opened again
 
     def _store_held(self, process: _Process) -> None:
         """Write the value held in memory to its file; raises while that is still impossible. Lock held."""
         file, slot = process.place(self._prefix, self._key)
         process.layout = object()  # this value now lives in a file
-        # Held increments add to what the file holds now (other objects of the series may have added too).
-        value = file.doubles[slot] + self._value if self._relative else self._value
-        file.set(slot, value, self._timestamp)
-        self._file, self._slot, self._value, self._relative = file, slot, 0.0, False
+        if self._relative:  # increments on top of a value never read (a continued file): add them
+            self._value += file.doubles[slot]
+        file.set(slot, self._value, self._timestamp)
+        self._file, self._slot, self._relative = file, slot, False
 
     def inc(self, amount: float) -> None:
         """Add `amount` and store the new total."""
@@ -254,8 +263,8 @@ class MmapValue:
         with process.lock:
             file = self._file
             if self._owner is process and file is not None:  # the usual case, inlined
-                doubles, slot = file.doubles, self._slot
-                doubles[slot] = doubles[slot] + amount
+                self._value = value = self._value + amount
+                file.doubles[self._slot] = value
                 if process.unstored:
                     process.retry_soon()
             elif not _add(self, amount, process):
@@ -267,9 +276,10 @@ class MmapValue:
         with process.lock:
             if self._owner is not process:
                 self._open(process)
+            self._value = value
             self._timestamp = timestamp or 0.0
+            self._relative = False  # an absolute value now
             if self._file is None:
-                self._value, self._relative = value, False  # an absolute value now
                 process.held_in_memory(1)
                 return
             self._file.set(self._slot, value, self._timestamp)
@@ -282,8 +292,7 @@ class MmapValue:
         with process.lock:
             if self._owner is not process:
                 self._open(process)
-            file = self._file
-            return self._value if file is None else file.doubles[self._slot]
+            return self._value
 
     def set_exemplar(self, exemplar) -> None:
         """Exemplars are not kept in multiprocess mode (as in prometheus-client)."""
@@ -353,14 +362,14 @@ class Samples:
             self._update_held(process, amounts)
             return
         for (total, bounds, buckets), amount in zip(self._direct, amounts):  # noqa: B905
-            doubles, slot = total._file.doubles, total._slot
-            doubles[slot] = doubles[slot] + amount
+            total._value = value = total._value + amount
+            total._file.doubles[total._slot] = value
             if bounds is not None:
                 index = bisect_left(bounds, amount)
                 if amount <= bounds[index]:  # False for NaN, which no bucket counts
                     bucket = buckets[index]
-                    doubles, slot = bucket._file.doubles, bucket._slot
-                    doubles[slot] = doubles[slot] + 1.0
+                    bucket._value = value = bucket._value + 1.0
+                    bucket._file.doubles[bucket._slot] = value
         # Every value is in a file of this process now: the fast path, for these views and slots.
         self._make_update(process.layout)
 
