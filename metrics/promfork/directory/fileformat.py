@@ -62,7 +62,7 @@ from typing import NamedTuple
 
 from prometheus_client.mmap_dict import MmapedDict
 
-from promfork.directory.locks import FILE_MODE
+from promfork.directory import ownership
 from promfork.directory.mapped import MappedFile
 
 _HEADER = struct.Struct("i")  # bytes used, native int, as MmapedDict writes it
@@ -205,7 +205,7 @@ def write_entries(path: str, entries: Entries) -> None:
     data = encode_entries(entries)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    fd = ownership.create(path, os.O_WRONLY | os.O_EXCL)
     try:
         view = memoryview(data)
         while view:

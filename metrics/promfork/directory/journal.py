@@ -16,7 +16,7 @@ import json
 import logging
 import os
 
-from promfork.directory import filenames
+from promfork.directory import filenames, ownership
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def _fsync_dir(path: str) -> None:
 def write(directory: str, journal: dict) -> None:
     """Commit `journal` (the renames and deletions still to do): temp file, fsync, rename, fsync the directory."""
     tmp = os.path.join(directory, filenames.JOURNAL_TMP)
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+    with open(ownership.create(tmp, os.O_WRONLY | os.O_TRUNC), "w") as out:
         json.dump(journal, out)
         out.flush()
         os.fsync(out.fileno())

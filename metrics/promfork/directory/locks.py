@@ -34,9 +34,7 @@ import os
 import time
 from collections.abc import Iterator
 
-from promfork.directory import filenames
-
-FILE_MODE = 0o600  # every file promfork creates: metric values are nobody else's business
+from promfork.directory import filenames, ownership
 
 # Descriptors holding a transient lock (files, intent). A fork while one is held copies it
 # into the child, which closes its copy (promfork.forks) so that it can never keep the
@@ -65,7 +63,7 @@ class MasterLease:
 
     def acquire(self) -> bool:
         """Take the lease; return True when no other master uses the directory (cold start)."""
-        fd = os.open(os.path.join(self.path, filenames.MASTERS_LOCK), os.O_RDWR | os.O_CREAT, FILE_MODE)
+        fd = ownership.create(os.path.join(self.path, filenames.MASTERS_LOCK), os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             alone = True
@@ -112,7 +110,7 @@ class DirectoryLock:
 
     @staticmethod
     def _acquire(path: str, exclusive: bool, deadline: float) -> int | None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        fd = ownership.create(path, os.O_RDWR)
         mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         delay = 0.0005
         while True:
@@ -195,7 +193,7 @@ def open_for_writing(path: str, lock_wait: float = 0.0) -> int:
     """
     deadline = time.monotonic() + lock_wait
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        fd = ownership.create(path, os.O_RDWR)
         try:
             while True:
                 try:

@@ -14,10 +14,10 @@ import os
 import stat
 import tempfile
 
-from promfork.directory import filenames
-from promfork.directory.locks import FILE_MODE
+from promfork.directory import filenames, ownership
 
 log = logging.getLogger(__name__)
+_created: set[str] = set()  # configured directories this process created
 
 
 class MultiprocDirError(RuntimeError):
@@ -36,7 +36,7 @@ def ensure_directory(path: str | None) -> str:
         shm = "/dev/shm"
         base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
         created = tempfile.mkdtemp(prefix="promfork-", dir=base)  # mode 0700
-        os.close(os.open(os.path.join(created, filenames.PRIVATE_MARKER), os.O_WRONLY | os.O_CREAT, FILE_MODE))
+        os.close(ownership.create(os.path.join(created, filenames.PRIVATE_MARKER), os.O_WRONLY))
         return created
     where = f"PROMETHEUS_MULTIPROC_DIR={path!r}"
     if os.path.islink(path):
@@ -44,6 +44,7 @@ def ensure_directory(path: str | None) -> str:
     if not os.path.exists(path):
         try:
             os.makedirs(path, mode=0o700)
+            _created.add(os.path.realpath(path))
         except OSError as exc:
             raise MultiprocDirError(f"{where} does not exist and cannot be created: {exc.strerror}") from None
     if not os.path.isdir(path):
@@ -71,6 +72,11 @@ def _check_writable(path: str, where: str) -> None:
         os.unlink(probe)
 
 
+def created_here(path: str) -> bool:
+    """True when this process created the configured directory `path` (it did not exist)."""
+    return os.path.realpath(path) in _created
+
+
 def is_private(path: str) -> bool:
     """True when promfork created `path` itself and may delete it when the last master exits."""
     return os.path.exists(os.path.join(path, filenames.PRIVATE_MARKER))
@@ -95,7 +101,7 @@ def quarantine(directory: str, name: str, reason: str) -> str | None:
     target_dir = os.path.join(directory, filenames.QUARANTINE)
     target = os.path.join(target_dir, name)
     try:
-        os.makedirs(target_dir, mode=0o700, exist_ok=True)
+        ownership.make_directory(target_dir)
         os.replace(os.path.join(directory, name), target)
     except FileNotFoundError:
         return None

@@ -1,7 +1,7 @@
 """Locust users for the gateway, sending the same request mix as promfork-load, and the same token check.
 
-    pip install locust
-    locust -f loadtest/locustfile.py --host http://127.0.0.1:8000
+    pip install 'promfork[load]'
+    locust -f metrics/promfork/loadtest/locustfile.py --host http://127.0.0.1:8000
 
 Every user adds up the usage its answers reported. When the test stops, the
 change in /metrics (``--metrics-url``, default the host's /metrics) is compared

@@ -8,6 +8,8 @@ so the order of precedence is: --gunicorn-args, then the tool's own flags
 (--bind, --workers, --max-requests, --worker-class), then GUNICORN_CMD_ARGS,
 then the config. The server log and metrics files live in a temporary
 directory that is removed only when the caller says the run succeeded.
+Starting, waiting for /healthz and stopping are GunicornProcess's
+(promfork.loadtest.gunicorn_process).
 """
 
 from __future__ import annotations
@@ -16,26 +18,16 @@ import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Sequence
+
+from promfork.loadtest.gunicorn_process import GUNICORN, GunicornError, GunicornProcess, free_port
 
 _WORKER_LINE = re.compile(rb"Using worker: (\S+)")  # logged by gunicorn's arbiter at start (level info)
 
 
 class ServerError(Exception):
     """gunicorn could not be started or did not answer; the message names the kept log."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_gunicorn_args(args: Sequence[str]) -> None:
@@ -69,37 +61,28 @@ class GunicornServer:
             raise ServerError(f"{config} not found; run from the project root or pass --config")
         self.port, self.metrics_port = free_port(), free_port()
         self.tmp = tempfile.mkdtemp(prefix="promfork-load-")
-        self.log_path = os.path.join(self.tmp, "gunicorn.log")
-        self.env = dict(os.environ)  # GUNICORN_CMD_ARGS included: the caller's deployment settings
-        self.env.update(env or {})
-        self.env.update(PROMETHEUS_MULTIPROC_DIR=os.path.join(self.tmp, "metrics"), METRICS_PORT=str(self.metrics_port))
-        self.env.pop("METRICS_AUTH_TOKEN", None)
-        self.argv = [os.path.join(os.path.dirname(sys.executable), "gunicorn"), "-c", config,
-                     "--bind", f"127.0.0.1:{self.port}", "--workers", str(workers)]  # fmt: skip
+        environ = dict(os.environ)  # GUNICORN_CMD_ARGS included: the caller's deployment settings
+        environ.update(env or {})
+        environ.update(PROMETHEUS_MULTIPROC_DIR=os.path.join(self.tmp, "metrics"), METRICS_PORT=str(self.metrics_port))
+        environ.pop("METRICS_AUTH_TOKEN", None)
+        argv = [GUNICORN, "-c", config, "--bind", f"127.0.0.1:{self.port}", "--workers", str(workers)]
         if max_requests:
-            self.argv += ["--max-requests", str(max_requests), "--max-requests-jitter", str(max(1, max_requests // 4))]
+            argv += ["--max-requests", str(max_requests), "--max-requests-jitter", str(max(1, max_requests // 4))]
         if worker_class:
-            self.argv += ["--worker-class", worker_class]
-        self.argv += list(gunicorn_args)
+            argv += ["--worker-class", worker_class]
+        argv += list(gunicorn_args)
         self.requested_worker_class = worker_class
-        self.proc: subprocess.Popen | None = None
+        self.log_path = os.path.join(self.tmp, "gunicorn.log")
+        self.process = GunicornProcess(argv, env=environ, ready_url=f"{self.base_url}/healthz", log_path=self.log_path)
 
     def start(self, timeout: float = 30.0) -> GunicornServer:
         """Start gunicorn and wait until /healthz answers; ServerError (log kept) if it does not."""
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.stop(keep_log=True)
-                raise ServerError(f"gunicorn exited at start ({self.proc.returncode}); see {self.log_path}")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1).read()
-                return self
-            except OSError:
-                time.sleep(0.1)
-        self.stop(keep_log=True)
-        raise ServerError(f"gunicorn did not answer within {timeout:g}s; see {self.log_path}")
+        try:
+            self.process.start(timeout)
+        except GunicornError as exc:
+            self.stop(keep_log=True)
+            raise ServerError(str(exc)) from None
+        return self
 
     @property
     def base_url(self) -> str:
@@ -122,8 +105,7 @@ class GunicornServer:
 
     def worker_pids(self) -> list[int]:
         """The master's current children (its workers)."""
-        with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as src:
-            return [int(p) for p in src.read().split()]
+        return self.process.worker_pids()
 
     def kill_worker(self, pid: int) -> None:
         """SIGKILL one worker, as the OOM killer would."""
@@ -131,17 +113,11 @@ class GunicornServer:
 
     def reload(self) -> None:
         """HUP the master: new workers with the configuration reloaded."""
-        self.proc.send_signal(signal.SIGHUP)
+        self.process.proc.send_signal(signal.SIGHUP)
 
     def stop(self, *, keep_log: bool) -> str | None:
         """Stop gunicorn; keep its directory (return the log's path) or remove it."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.process.stop(timeout=30)
         if keep_log:
             return self.log_path
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -31,9 +31,9 @@ import sys
 from dataclasses import dataclass
 
 from promfork.config import ConfigError, Settings, load_settings
-from promfork.directory import filenames
+from promfork.directory import filenames, ownership
 from promfork.directory.locks import MasterLease
-from promfork.directory.setup import MultiprocDirError, ensure_directory, is_private, wipe_stale_files
+from promfork.directory.setup import MultiprocDirError, created_here, ensure_directory, is_private, wipe_stale_files
 
 EXIT_REASONS = ("normal", "max_requests", "timeout", "signal", "error")
 
@@ -166,6 +166,7 @@ def on_starting(server) -> None:
     from promfork.reader.collector import library_metrics
 
     ensure_multiprocess_mode()
+    _hand_directory_to_workers(server, state.directory)
     if state.stale_removed is not None:
         server.log.info(
             "promfork: metrics directory %s (cold start, %d stale files removed)", state.directory, state.stale_removed
@@ -185,6 +186,19 @@ def on_starting(server) -> None:
         record_slot(state.directory, MASTER, os.getpid())
     except OSError as exc:
         server.log.error("promfork: cannot record the master's slot (process_* metrics): %s", exc)
+
+
+def _hand_directory_to_workers(server, directory: str) -> None:
+    """With --user/--group (a root master, unprivileged workers): the workers can use every file; else exit."""
+    uid, gid = server.cfg.uid, server.cfg.gid
+    try:
+        if is_private(directory) or created_here(directory):
+            ownership.hand_to(directory, uid, gid, including_directory=True)
+        else:
+            ownership.check_usable_by(directory, uid, gid, f"PROMETHEUS_MULTIPROC_DIR={directory!r}")
+            ownership.hand_to(directory, uid, gid, including_directory=False)
+    except OSError as exc:
+        sys.exit(f"promfork: configuration error: {exc}")
 
 
 def when_ready(server) -> None:
@@ -287,7 +301,7 @@ def worker_exit(server, worker) -> None:
         reason = "error"
     path = os.path.join(state.directory, filenames.exit_note_name(os.getpid()))
     with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = ownership.create(path, os.O_WRONLY | os.O_TRUNC)
         try:
             os.write(fd, reason.encode())
         finally:

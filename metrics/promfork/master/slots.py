@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from promfork.directory import filenames
-from promfork.directory.locks import FILE_MODE
+from promfork.directory import filenames, ownership
 
 MASTER = filenames.MASTER_SLOT
 
@@ -20,7 +19,7 @@ def record_slot(directory: str, slot: str, pid: int) -> None:
     """Write `<slot>.slot` naming `pid` (atomic replace)."""
     path = os.path.join(directory, filenames.slot_file_name(slot))
     tmp = f"{path}.{pid}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    fd = ownership.create(tmp, os.O_WRONLY | os.O_TRUNC)
     try:
         os.write(fd, str(pid).encode())
     except OSError:

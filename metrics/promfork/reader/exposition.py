@@ -17,6 +17,7 @@ import gzip
 import hmac
 import json
 import logging
+import os
 from urllib.parse import parse_qs
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -103,6 +104,10 @@ def make_metrics_app(registry: CollectorRegistry, auth_token: str | None = None)
         except LockTimeout as exc:
             log.error("promfork: scrape gave up waiting for the metrics lock: %s", exc)
             return _json_error(start_response, "503 Service Unavailable", str(exc), [("Retry-After", "1")])
+        except PermissionError as exc:  # a directory or lock this process's user may not use
+            log.error("promfork: scrape cannot use the metrics directory: %s", exc)
+            message = f"this process (uid {os.geteuid()}) cannot use the metrics directory: {exc}"
+            return _json_error(start_response, "503 Service Unavailable", message, [("Retry-After", "10")])
 
     def metrics_app(environ, start_response):
         method = environ.get("REQUEST_METHOD", "GET")

@@ -82,7 +82,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from promfork import client, forks
-from promfork.directory import filenames, locks
+from promfork.directory import filenames, locks, ownership
 from promfork.directory.mapped import MappedFile
 from promfork.trace import TraceContext, current_trace
 from promfork.writer import values
@@ -449,7 +449,7 @@ def _write_archive(directory: str, records: _Records) -> None:
     new = filenames.scratch_name(final)  # compaction's recovery deletes a stray one
     with contextlib.suppress(FileNotFoundError):
         os.unlink(new)
-    fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fd = ownership.create(new, os.O_WRONLY | os.O_EXCL)
     try:
         view = memoryview(encode_file(records))
         while view:
