@@ -1,10 +1,11 @@
-# promfork: `make run` serves the gateway, `make test` runs the whole suite.
+# promfork: `make run` serves the gateway, `make test` runs the whole suite, `make test-fast` every test
+# that starts no server (no Gunicorn, Prometheus or other server process).
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean system-deps
+.PHONY: run test test-fast lint bench clean system-deps
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -28,6 +29,10 @@ system-deps:
 test: $(STAMP) system-deps
 	$(VENV)/bin/ruff check metrics webapp tests bench gunicorn.conf.py examples
 	$(VENV)/bin/pytest
+
+test-fast: $(STAMP) system-deps
+	$(VENV)/bin/ruff check metrics webapp tests bench gunicorn.conf.py examples
+	$(VENV)/bin/pytest -m "not integration and not deploy and not chaos"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check metrics webapp tests bench gunicorn.conf.py examples

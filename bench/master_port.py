@@ -3,10 +3,10 @@ while every worker is saturated with slow requests. Prints both and their ratio 
 
     python bench/master_port.py [--workers 2] [--latency-ms 200] [--scrapes 30]
 
-Also the helpers other benchmarks use to run a real Gunicorn with METRICS_PORT
-(``start_gunicorn``) and ``series_app``, a WSGI app whose workers each hold a
-chosen number of series and change a few of them per request
-(bench/scrape_cost.py measures the master's scrape with it).
+Also the helpers other benchmarks use: ``start_gunicorn``, a real Gunicorn with
+METRICS_PORT (started by promfork.loadtest.gunicorn_process), and ``series_app``,
+a WSGI app whose workers each hold a chosen number of series and change a few
+of them per request (bench/scrape_cost.py measures the master's scrape with it).
 """
 
 from __future__ import annotations
@@ -16,22 +16,14 @@ import http.client
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 
+from promfork.loadtest.gunicorn_process import GUNICORN, GunicornProcess, booted_workers, free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(port: int, path: str, timeout: float = 60.0) -> float:
@@ -86,35 +78,27 @@ def series_app(series: int = 2000):
 
 
 def start_gunicorn(tmp: str, workers: int, env: dict[str, str], app: str | None = None) -> tuple:
-    """Start ``gunicorn -c gunicorn.conf.py`` with METRICS_PORT; return (process, app port, metrics port).
+    """Start ``gunicorn -c gunicorn.conf.py`` with METRICS_PORT; return (GunicornProcess, app port, metrics port).
 
-    Waits until the metrics port answers and every worker has booted; the
-    caller stops the process (SIGTERM, then wait).
+    Waits until the metrics port answers and every worker has booted (output in
+    ``tmp/gunicorn.log``); the caller stops it (``.stop()``).
     """
     port, mport = free_port(), free_port()
-    env = dict(os.environ, METRICS_PORT=str(mport), PROMETHEUS_MULTIPROC_DIR=os.path.join(tmp, "mp"), **env)
-    gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")
-    argv = [gunicorn, "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
+    directory = os.path.join(tmp, "mp")
+    env = dict(os.environ, METRICS_PORT=str(mport), PROMETHEUS_MULTIPROC_DIR=directory, **env)
+    argv = [GUNICORN, "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
             "--control-socket", os.path.join(tmp, "ctl.sock")]  # fmt: skip
     if app:
         argv.append(app)
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", mport, timeout=5)
-            conn.request("GET", "/metrics")
-            families = conn.getresponse().read().decode()
-            conn.close()
-            booted = sum(1 for name in os.listdir(os.path.join(tmp, "mp")) if name.endswith(".slot")) - 1
-            if booted >= workers and "gunicorn_workers" in families:
-                return proc, port, mport
-        except OSError:
-            pass
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(30)
-    raise RuntimeError("gunicorn did not come up within 120s")
+    server = GunicornProcess(
+        argv,
+        env=env,
+        cwd=ROOT,
+        log_path=os.path.join(tmp, "gunicorn.log"),
+        ready_url=f"http://127.0.0.1:{mport}/metrics",
+        ready=lambda: booted_workers(directory) >= workers,
+    )
+    return server.start(timeout=120), port, mport
 
 
 def main() -> None:
@@ -124,7 +108,7 @@ def main() -> None:
     parser.add_argument("--scrapes", type=int, default=30)
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="promfork-bench-")
-    proc, port, mport = start_gunicorn(tmp, args.workers, {"MOCK_LATENCY_MS": str(args.latency_ms)})
+    server, port, mport = start_gunicorn(tmp, args.workers, {"MOCK_LATENCY_MS": str(args.latency_ms)})
     try:
         stop = threading.Event()
         body = json.dumps({"model": "mock-small", "messages": [{"role": "user", "content": "busy"}]})
@@ -149,8 +133,7 @@ def main() -> None:
             via_master.append(get(mport, "/metrics"))
         stop.set()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        server.stop(timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
 
     def ms(values, q):

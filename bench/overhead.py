@@ -34,18 +34,15 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from dataclasses import dataclass, field
 
+from promfork.loadtest.gunicorn_process import GUNICORN, GunicornProcess, free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GUNICORN = os.path.join(os.path.dirname(sys.executable), "gunicorn")
 PINNED = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
 SERVER_CPU = ["taskset", "-c", "1"] if PINNED else []
 LOAD_CPU = ["taskset", "-c", "0"] if PINNED else []
@@ -63,7 +60,7 @@ class Server:
     cwd: str = ROOT
     rates: list[float] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)  # each slice against the mean of the two metrics-off around it
-    proc: subprocess.Popen | None = None
+    process: GunicornProcess | None = None
     tmp: str = ""
     port: int = 0
 
@@ -72,6 +69,7 @@ class Server:
         return f"http://127.0.0.1:{self.port}/v1/chat/completions"
 
     def start(self) -> None:
+        """Launch gunicorn (wait_ready() waits for it, so that every configuration starts at once)."""
         self.port = free_port()
         # Same place for every configuration: RAM-backed, as deploy/ recommends for metric files.
         self.tmp = tempfile.mkdtemp(prefix="bench-overhead-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
@@ -80,26 +78,19 @@ class Server:
         cmd = [GUNICORN, *self.argv, "--bind", f"127.0.0.1:{self.port}", "--workers", str(WORKERS),
                "--control-socket", os.path.join(self.tmp, "ctl.sock"), "--log-level", "warning",
                "--worker-tmp-dir", self.tmp]  # fmt: skip
-        self.proc = subprocess.Popen(
-            SERVER_CPU + cmd, cwd=self.cwd, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        self.process = GunicornProcess(
+            SERVER_CPU + cmd, env=environ, cwd=self.cwd, log_path=os.path.join(self.tmp, "gunicorn.log"),
+            ready_url=self.url,  # a GET of the chat route answers 405 once a worker serves
+        )  # fmt: skip
+        self.process.launch()
 
     def wait_ready(self) -> None:
-        request = urllib.request.Request(self.url, BODY.encode(), {"Content-Type": "application/json"})
-        for _ in range(150):
-            try:
-                urllib.request.urlopen(request, timeout=1).read()
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.1)
-        raise RuntimeError(f"{self.name} did not start")
+        self.process.wait_ready(timeout=30)
 
     def worker_rss_mib(self) -> float:
         """Resident memory of the workers (children of the master), summed."""
         total = 0
-        for pid in children(self.proc.pid):
+        for pid in self.process.worker_pids():
             try:
                 with open(f"/proc/{pid}/status") as status:
                     total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
@@ -108,34 +99,9 @@ class Server:
         return total / 1024
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.process is not None:
+            self.process.stop(timeout=30)
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of `pid`, from /proc (the master's workers)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        found.append(int(entry))
-            except OSError:
-                pass
-    return found
 
 
 def configurations(before: str | None, worktree: str | None) -> list[Server]:

@@ -39,7 +39,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -296,7 +295,7 @@ def fetch(port: int, path: str) -> bytes:
 
 def master_table(workers: int, series: int, repeat: int) -> None:
     tmp = tempfile.mkdtemp(prefix="promfork-bench-master-")
-    proc, port, mport = start_gunicorn(
+    server, port, mport = start_gunicorn(
         tmp, workers, {"SERIES_PER_WORKER": str(series)}, app="bench.master_port:series_app()"
     )
     try:
@@ -319,8 +318,7 @@ def master_table(workers: int, series: int, repeat: int) -> None:
         samples = len(samples_of(stock().decode()))
         files = sum(1 for n in os.listdir(directory) if n.endswith(".db"))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        server.stop(timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
     master_ms, stock_ms = statistics.median(via_master), statistics.median(in_process)
     print(f"real gunicorn, {workers} workers x ~{series} series ({files} files, {samples} aggregated samples),")

@@ -18,24 +18,15 @@ import http.client
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from promfork.loadtest.gunicorn_process import GUNICORN, GunicornError, GunicornProcess, booted_workers, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Prometheus' TSDB stores a sample in about 1-2 bytes after compression; size with the upper end.
 BYTES_PER_SAMPLE = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(port: int, method: str, path: str, body: dict | bytes | None = None) -> int:
@@ -92,38 +83,28 @@ def measure(workers: int, rounds: int) -> tuple[collections.Counter, collections
     """Run a gateway with `workers` workers, load it, and count its series."""
     tmp = tempfile.mkdtemp(prefix="promfork-series-")
     port = free_port()
+    directory = os.path.join(tmp, "mp")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("METRICS_", "GUNICORN_"))}
-    env.update(PROMETHEUS_MULTIPROC_DIR=os.path.join(tmp, "mp"), WEB_CONCURRENCY=str(workers))
-    argv = [os.path.join(os.path.dirname(sys.executable), "gunicorn"), "-c", "gunicorn.conf.py",
-            "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
+    env.update(PROMETHEUS_MULTIPROC_DIR=directory, WEB_CONCURRENCY=str(workers))
+    argv = [GUNICORN, "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
             "--control-socket", os.path.join(tmp, "ctl.sock")]  # fmt: skip
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = GunicornProcess(
+        argv,
+        env=env,
+        cwd=ROOT,
+        log_path=os.path.join(tmp, "gunicorn.log"),
+        ready_url=f"http://127.0.0.1:{port}/healthz",
+        ready=lambda: booted_workers(directory) >= workers,
+    )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                booted = sum(
-                    1 for n in os.listdir(env["PROMETHEUS_MULTIPROC_DIR"]) if n[0].isdigit() and n.endswith(".slot")
-                )
-            except FileNotFoundError:
-                booted = 0
-            try:
-                if call(port, "GET", "/healthz") == 200 and booted >= workers:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"gunicorn with {workers} workers did not start")
-            time.sleep(0.2)
+        try:
+            server.start(timeout=60)
+        except GunicornError as exc:
+            raise SystemExit(f"gunicorn with {workers} workers did not start:\n{server.log()}") from exc
         statuses = representative_load(port, rounds)
         return count_series(port), statuses
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop(timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -11,36 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import itertools
 import json
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import (
-    ROOT,
-    ExampleServer,
-    assert_never_decreases,
-    counter_samples,
-    request,
-    samples,
-    scrape,
-    value,
-    wait_until,
-)
-from exactness import (
-    CUT,
-    Scraper,
-    Tally,
-    assert_config_assigns_every_hook,
-    file_owners,
-    http_rows,
-    kill_a_worker,
-    mismatches,
-)
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
@@ -51,7 +28,11 @@ from starlette.routing import Mount, Route
 
 from promfork.asgi import RESPONSE_COMPLETE_KEY, PrometheusMiddleware
 from promfork.config import Settings
-from promfork.directory import filenames
+from tests.support.checks import assert_config_wires_every_hook, assert_never_decreases
+from tests.support.churn import churn_and_kill
+from tests.support.client import counter_samples, request, samples, scrape, value
+from tests.support.exactness import CUT, Tally, http_rows, mismatches, scrape_when_compacted
+from tests.support.servers import ROOT, ExampleServer
 
 # ---------------------------------------------------------------- driving an ASGI app by hand
 
@@ -549,8 +530,8 @@ def get(port: int, path: str) -> tuple[int, bytes]:
         conn.close()
 
 
-def test_fastapi_example_config_is_short_and_assigns_every_hook():
-    assert_config_assigns_every_hook(FASTAPI_APP / "gunicorn.conf.py", {"wsgi_app", "worker_class"})
+def test_fastapi_example_config_is_short_and_wires_every_hook():
+    assert_config_wires_every_hook(FASTAPI_APP / "gunicorn.conf.py")
 
 
 @pytest.mark.integration
@@ -564,40 +545,29 @@ def test_fastapi_example_is_exact_under_churn_and_kill_9(worker_class, wheel_env
         gunicorn=wheel_env.gunicorn,
         workers=3,
     )
-    tally = Tally()
-    numbers = itertools.count()
     never_sent = []
 
-    def client(deadline: float) -> None:
-        while time.monotonic() < deadline:
-            i = next(numbers)
-            path, row, items = [
-                ("/hello", ROWS[0], 0),
-                (f"/items/{i}", ROWS[1], 1),
-                (f"/no/such/page/{i}", ROWS[2], 0),
-            ][i % 3]
-            try:
-                status, body = get(server.port, path)
-            except NeverSent:
-                never_sent.append(path)
-            except CUT:
-                tally.cut(row, items=items)
-            else:
-                if row is ROWS[1] and status == 200 and json.loads(body) != {"item_id": i}:
-                    tally.problem(f"{path} answered {body[:100]!r}")
-                tally.answered((row[0], row[1], str(status)), items=items if status == 200 else 0)
-            time.sleep(0.002)
+    def one(tally: Tally, i: int) -> None:
+        path, row, items = [
+            ("/hello", ROWS[0], 0),
+            (f"/items/{i}", ROWS[1], 1),
+            (f"/no/such/page/{i}", ROWS[2], 0),
+        ][i % 3]
+        try:
+            status, body = get(server.port, path)
+        except NeverSent:
+            never_sent.append(path)
+        except CUT:
+            tally.cut(row, items=items)
+        else:
+            if row is ROWS[1] and status == 200 and json.loads(body) != {"item_id": i}:
+                tally.problem(f"{path} answered {body[:100]!r}")
+            tally.answered((row[0], row[1], str(status)), items=items if status == 200 else 0)
+        time.sleep(0.002)
 
     with server:
-        before = scrape(server.port)
-        with Scraper(server.port) as scraper, ThreadPoolExecutor(max_workers=CLIENTS) as pool:
-            deadline = time.monotonic() + LOAD_SECONDS
-            clients = [pool.submit(client, deadline) for _ in range(CLIENTS)]
-            time.sleep(LOAD_SECONDS / 2)
-            victim = kill_a_worker(server)  # mid-run: the other workers keep serving
-            for finished in clients:
-                finished.result()
-        assert not tally.problems, tally.problems[:5]
+        run = churn_and_kill(server, one, seconds=LOAD_SECONDS, clients=CLIENTS)
+        tally = run.tally
         assert not never_sent, never_sent[:5]
         assert set(tally.received) == set(ROWS), tally.received
         doubt = sum(tally.in_doubt.values())
@@ -605,25 +575,13 @@ def test_fastapi_example_is_exact_under_churn_and_kill_9(worker_class, wheel_env
             assert doubt <= sum(tally.received.values()) // 50, f"too many requests failed: {tally.in_doubt}"
         else:  # only the kill can cut a request: at most one per client
             assert doubt <= CLIENTS, f"more requests failed than a kill explains: {tally.in_doubt}"
-        assert not scraper.errors, scraper.errors[:5]
-        assert len(scraper.snapshots) >= 10
-        assert_never_decreases(scraper.snapshots)
         assert server.log().count("Booting worker") >= 3 + 5, "workers were not recycled during the load"
 
-        def settled():
-            families = scrape(server.port)
-            live = {str(server.proc.pid), *map(str, server.worker_pids())}
-            compacted = file_owners(server.multiproc_dir) <= live | {filenames.ARCHIVE}
-            return families if compacted and value(families, "http_requests_in_flight") == 0 else None
-
-        after = wait_until(settled, timeout=30, interval=0.2)
-        assert after is not None, (
-            f"in flight not back to 0, or files not compacted: {file_owners(server.multiproc_dir)}"
-        )
-        assert not list(server.multiproc_dir.glob(f"*_{victim}.db")), "the killed worker's files are still there"
-        assert_never_decreases([*scraper.snapshots, counter_samples(after)])
-        items = value(after, "example_items_viewed_total") - value(before, "example_items_viewed_total")
-        assert mismatches(tally, before, after, {"items": items}) == []
+        after = scrape_when_compacted(server, timeout=30, until=lambda f: value(f, "http_requests_in_flight") == 0)
+        assert not list(server.multiproc_dir.glob(f"*_{run.victim}.db")), "the killed worker's files are still there"
+        assert_never_decreases([*run.snapshots, counter_samples(after)])
+        items = value(after, "example_items_viewed_total") - value(run.before, "example_items_viewed_total")
+        assert mismatches(tally, run.before, after, {"items": items}) == []
         routes = {route for _, route, _ in http_rows(after)}
         assert routes <= {"/hello", "/items/{item_id}", "unmatched"}, routes
     log = server.log()

@@ -6,9 +6,10 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import chat, scrape, value, wait_until
 
 from promfork.directory import filenames
+from tests.support.client import chat, scrape, value
+from tests.support.servers import wait_until
 
 pytestmark = pytest.mark.integration
 

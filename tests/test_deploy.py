@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, chat, free_port, request, terminate, wait_until
 
+from tests.support.client import chat, request
+from tests.support.servers import ROOT, free_port, terminate, wait_until
 from webapp.catalogue import gateway_catalogue
 
 DEPLOY = ROOT / "deploy"

@@ -6,24 +6,15 @@ from __future__ import annotations
 import json
 import random
 import subprocess
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, ExampleServer, assert_never_decreases, clean_env, request, samples, scrape, value
-from exactness import (
-    CUT,
-    Scraper,
-    Tally,
-    assert_config_assigns_every_hook,
-    http_rows,
-    kill_a_worker,
-    mismatches,
-    scrape_when_compacted,
-)
 
-pytestmark = pytest.mark.integration
+from tests.support.checks import assert_config_wires_every_hook
+from tests.support.churn import churn_and_kill
+from tests.support.client import request, samples, value
+from tests.support.exactness import CUT, Tally, http_rows, mismatches, scrape_when_compacted
+from tests.support.servers import ROOT, ExampleServer, clean_env
 
 FLASK_APP = ROOT / "examples" / "flask-app"
 REQUESTS = 1500
@@ -31,8 +22,8 @@ CLIENTS = 12
 ROWS = [("GET", "/hello", "200"), ("GET", "/items/<item_id>", "200"), ("GET", "unmatched", "404")]
 
 
-def test_flask_example_config_is_short_and_assigns_every_hook():
-    assert_config_assigns_every_hook(FLASK_APP / "gunicorn.conf.py", {"wsgi_app"})
+def test_flask_example_config_is_short_and_wires_every_hook():
+    assert_config_wires_every_hook(FLASK_APP / "gunicorn.conf.py")
 
 
 def test_users_own_metrics_module_imports_beside_promfork(wheel_env, tmp_path: Path):
@@ -57,6 +48,7 @@ def _item(i: int) -> str:
     return str(random.Random(i).randint(1, 10**6))
 
 
+@pytest.mark.integration
 def test_flask_example_is_exact_under_churn_and_kill_9(wheel_env, tmp_path: Path):
     project = wheel_env.project("flask-app", tmp_path / "app")
     server = ExampleServer(
@@ -69,10 +61,8 @@ def test_flask_example_is_exact_under_churn_and_kill_9(wheel_env, tmp_path: Path
         gunicorn=wheel_env.gunicorn,
         workers=3,
     )
-    tally = Tally()
-    halfway = threading.Semaphore(0)
 
-    def one(i: int) -> None:
+    def one(tally: Tally, i: int) -> None:
         kind = i % 5
         if kind < 2:
             path, row, items = "/hello", ROWS[0], 0
@@ -88,29 +78,18 @@ def test_flask_example_is_exact_under_churn_and_kill_9(wheel_env, tmp_path: Path
             if (status, row[2]) == (200, "200") and items and json.loads(body) != {"item_id": path.split("/")[-1]}:
                 tally.problem(f"{path} answered {body[:100]!r}")
             tally.answered(("GET", row[1], str(status)), items=items if status == 200 else 0)
-        if i == REQUESTS // 2:
-            halfway.release()
 
     with server:
-        before = scrape(server.port)
-        with Scraper(server.port) as scraper, ThreadPoolExecutor(max_workers=CLIENTS) as pool:
-            results = [pool.submit(one, i) for i in range(REQUESTS)]
-            halfway.acquire(timeout=120)
-            victim = kill_a_worker(server)
-            for result in results:
-                result.result()
-        assert not tally.problems, tally.problems[:5]
+        run = churn_and_kill(server, one, requests=REQUESTS, clients=CLIENTS)
+        tally = run.tally
         assert set(tally.received) == set(ROWS), tally.received
         assert sum(tally.in_doubt.values()) <= CLIENTS, f"more requests failed than a kill explains: {tally.in_doubt}"
-        assert not scraper.errors, scraper.errors[:5]
-        assert len(scraper.snapshots) >= 10
-        assert_never_decreases(scraper.snapshots)
         assert server.log().count("Booting worker") >= 3 + 10, "workers were not recycled during the load"
 
         after = scrape_when_compacted(server)
-        assert not list(server.multiproc_dir.glob(f"*_{victim}.db")), "the killed worker's files are still there"
-        items = value(after, "example_items_viewed_total") - value(before, "example_items_viewed_total")
-        assert mismatches(tally, before, after, {"items": items}) == []
+        assert not list(server.multiproc_dir.glob(f"*_{run.victim}.db")), "the killed worker's files are still there"
+        items = value(after, "example_items_viewed_total") - value(run.before, "example_items_viewed_total")
+        assert mismatches(tally, run.before, after, {"items": items}) == []
         routes = {route for _, route, _ in http_rows(after)}
         assert routes <= {"/hello", "/items/<item_id>", "unmatched"}, routes
         assert value(after, "http_requests_in_flight") == 0

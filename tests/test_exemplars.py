@@ -18,13 +18,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, ExampleServer, clean_env, request, scrape, wait_until
-from exemplar_support import CHAT, ExemplarPrometheus, SentTrace, new_trace, traced_chat
 
 from promfork.directory import filenames
 from promfork.directory.setup import wipe_stale_files
 from promfork.trace import bind, current_trace, parse_traceparent, request_trace, unbind
 from promfork.writer import exemplars
+from tests.support.client import request, scrape
+from tests.support.exemplars import CHAT, ExemplarPrometheus, SentTrace, new_trace, traced_chat
+from tests.support.servers import ROOT, ExampleServer, clean_env, wait_until
 
 CHAT_BUCKET = (
     "http_request_duration_seconds_bucket",

@@ -10,9 +10,11 @@ import gzip
 from collections.abc import Iterator
 
 import pytest
-from conftest import Gunicorn, chat, free_port, request
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
+
+from tests.support.client import chat, request
+from tests.support.servers import Gunicorn, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -29,18 +29,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import (
-    Gunicorn,
-    assert_never_decreases,
-    counter_samples,
-    parse_sse,
-    request,
-    samples,
-    scrape,
-    value,
-    wait_until,
-)
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.checks import assert_never_decreases
+from tests.support.client import counter_samples, parse_sse, request, samples, scrape, value
+from tests.support.servers import Gunicorn, wait_until
 
 pytestmark = pytest.mark.integration
 

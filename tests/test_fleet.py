@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import chat, free_port, wait_until
-from fleet_support import (
+
+from tests.support.client import chat
+from tests.support.fleet import (
     ALERTMANAGER_CONFIG,
     DEPLOY,
     PROM,
@@ -28,6 +29,7 @@ from fleet_support import (
     binary,
     short_durations,
 )
+from tests.support.servers import free_port, wait_until
 
 WORKER_ALERTS = {
     "PromforkNoWorkersAlive",

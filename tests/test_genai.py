@@ -1,7 +1,7 @@
 """GenAI metrics (OpenTelemetry GenAI conventions and the extras) against what clients received, on real Gunicorn.
 
 The truth is the client's: the usage, usage details, finish reasons, response model
-and content chunks each answer carried (tests/genai_truth.py), the prices the test
+and content chunks each answer carried (tests/support/genai_truth.py), the prices the test
 configured, the models GET /v1/models lists, and what stock prometheus-client reads
 from the same metric files. Several workers, recycled during the load.
 """
@@ -14,13 +14,12 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import ROOT, chat, clean_env, request, samples, scrape, value, wait_until
-from genai_truth import ClientTruth, received_from
 
 from promfork.config import ConfigError
+from tests.support.client import chat, request, samples, scrape, value
+from tests.support.genai_truth import ClientTruth, received_from
+from tests.support.servers import gunicorn_fails_to_start, wait_until
 from webapp.settings import load_gateway_settings
-
-pytestmark = pytest.mark.integration
 
 # Prices the test configures (USD per 1M tokens), unlike the built-in ones, so a cost from
 # the built-in table (or from none) cannot pass.
@@ -65,6 +64,7 @@ def model_labels(model: str) -> dict[str, str]:
     return {"gen_ai_request_model": model}
 
 
+@pytest.mark.integration
 def test_genai_totals_equal_what_clients_received_across_recycled_workers(gunicorn_factory):
     server = gunicorn_factory(
         "--max-requests", "40", "--max-requests-jitter", "10", env={"LLM_PRICES": json.dumps(PRICES)}, workers=3
@@ -145,6 +145,7 @@ print(json.dumps(totals))
 """
 
 
+@pytest.mark.integration
 def test_the_official_openai_client_gets_usage_details_and_the_metrics_match(gunicorn_factory):
     openai = pytest.importorskip("openai")
     server = gunicorn_factory(workers=2)
@@ -179,6 +180,7 @@ def test_the_official_openai_client_gets_usage_details_and_the_metrics_match(gun
     assert value(fams, "gen_ai_client_reasoning_tokens_total") == reasoning
 
 
+@pytest.mark.integration
 def test_tenant_label_follows_named_api_keys_with_a_cap(gunicorn_factory):
     keys = {"team-a": "sk-aaa", "team-b": "sk-bbb", "team-c": "sk-ccc"}
     env = {
@@ -217,6 +219,7 @@ def test_tenant_label_follows_named_api_keys_with_a_cap(gunicorn_factory):
         )
 
 
+@pytest.mark.integration
 def test_series_known_in_advance_start_at_zero_in_a_fresh_server(gunicorn_factory):
     server = gunicorn_factory(env={"RATE_LIMIT_RPM": "1000"}, workers=2)
     status, _, raw = request("GET", server.port, "/v1/models")
@@ -262,14 +265,10 @@ def test_a_bad_price_table_is_refused_at_start_naming_the_variable(raw, mentions
     assert mentions in str(error.value)
 
 
+@pytest.mark.integration
 def test_gunicorn_refuses_to_start_with_a_bad_price_table():
-    proc = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "gunicorn"), "-c", "gunicorn.conf.py", "--bind", "127.0.0.1:0"],
-        cwd=ROOT, env=clean_env(LLM_PRICES='{"gpt-4o": {"input": "cheap"}}'), capture_output=True, text=True,
-        timeout=60,
-    )  # fmt: skip
-    assert proc.returncode != 0
-    assert "LLM_PRICES" in proc.stderr and "gpt-4o" in proc.stderr
+    output = gunicorn_fails_to_start({"LLM_PRICES": '{"gpt-4o": {"input": "cheap"}}'})
+    assert "LLM_PRICES" in output and "gpt-4o" in output
 
 
 def test_settings_accept_named_and_plain_api_keys_and_a_price_file(tmp_path):

@@ -13,9 +13,12 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import assert_never_decreases, chat, counter_samples, request, scrape, value, wait_until
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.checks import assert_never_decreases
+from tests.support.client import chat, counter_samples, request, scrape, value
+from tests.support.servers import wait_until
 
 pytestmark = pytest.mark.integration
 

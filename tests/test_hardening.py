@@ -16,18 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import (
-    ROOT,
-    assert_never_decreases,
-    chat,
-    clean_env,
-    counter_samples,
-    free_port,
-    request,
-    scrape,
-    value,
-    wait_until,
-)
+
+from tests.support.checks import assert_never_decreases
+from tests.support.client import chat, counter_samples, request, scrape, value
+from tests.support.servers import ROOT, clean_env, free_port, wait_until
 
 pytestmark = pytest.mark.integration
 CHAT = "/v1/chat/completions"

@@ -51,7 +51,8 @@ BY_HAND = textwrap.dedent(
 )
 
 
-def test_every_chained_hook_passes_gunicorns_own_arity_check():
+def test_every_chained_hook_passes_gunicorns_own_arity_check(monkeypatch):
+    monkeypatch.setattr(gunicorn, "prepare_environment", lambda: None)  # this process keeps its environment
     config: dict = {name: (lambda *args: None) for name in hooks.HOOKS}
     for name in ("post_fork", "nworkers_changed", "worker_abort"):
         config[name] = {"post_fork": lambda s, w: None, "nworkers_changed": lambda s, n, o: None}.get(

@@ -4,19 +4,24 @@ any worker model; and its verdict's in-doubt rule, row by row."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, clean_env
 
 from promfork.loadtest.mix import CHAT, DEFAULT_MIX, UNMATCHED, RequestMix, parse_mix
 from promfork.loadtest.tally import Outcome, Tally
-from promfork.loadtest.verdict import compare
+from promfork.loadtest.verdict import AMOUNTS, compare
+from tests.support.exactness import http_rows
+from tests.support.servers import ROOT, clean_env, wait_until
 
 LOAD = str(Path(sys.executable).with_name("promfork-load"))
+LOCUST = str(Path(sys.executable).with_name("locust"))
+LOCUSTFILE = ROOT / "metrics" / "promfork" / "loadtest" / "locustfile.py"
 # The rows each kind of request can land in (method and route are the mix's; statuses as answered).
 ROWS_OF_KIND = {"plain": {(CHAT, 200)}, "stream": {(CHAT, 200)}, "tool": {(CHAT, 200)},
                 "client_error": {(CHAT, 400), (CHAT, 404)}, "unmatched": {(UNMATCHED, 404)}}  # fmt: skip
@@ -228,10 +233,48 @@ def test_mix_is_deterministic_and_weighted():
     assert set(DEFAULT_MIX) == {"plain", "stream", "tool", "client_error", "unmatched"}
 
 
-def test_locustfile_uses_the_shared_mix():
-    source = (ROOT / "metrics" / "promfork" / "loadtest" / "locustfile.py").read_text()
-    compile(source, "locustfile.py", "exec")
-    assert "from promfork.loadtest.mix import" in source
+@pytest.mark.integration
+def test_a_locust_run_of_the_locustfile_agrees_with_the_scraped_totals(gunicorn_factory, tmp_path: Path):
+    # A short headless run of the shipped locustfile against real gunicorn. Users finish the request
+    # they have in flight when the time is up (--stop-timeout), so nothing is in doubt: every total is exact.
+    server = gunicorn_factory(workers=2)
+    before = http_rows(server.scrape())
+    proc = subprocess.run([LOCUST, "-f", str(LOCUSTFILE), "--headless", "-u", "4", "-r", "4", "-t", "5s",
+                           "--stop-timeout", "10", "--host", f"http://127.0.0.1:{server.port}", "--json"],
+                          cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # stdout: the locustfile's own check of tokens and cost, then Locust's final stats as JSON
+    json_start = re.search(r"^\[$", proc.stdout, re.MULTILINE)
+    assert json_start, proc.stdout[-3000:]
+    report, stats = proc.stdout[: json_start.start()], json.loads(proc.stdout[json_start.start() :])
+    assert " 0 abandoned in flight" in report, report
+    # every token amount and the cost: the change in /metrics equals what the users' answers reported
+    checked = [line for line in report.splitlines() if " client " in line and " metrics " in line]
+    assert len(checked) == len(AMOUNTS) + 1 and all(line.endswith(" ok") for line in checked), report
+
+    assert all(entry["num_failures"] == 0 for entry in stats), stats  # every answer whole, with the expected status
+    sent: Counter[str] = Counter()
+    for entry in stats:
+        sent[entry["name"]] += entry["num_requests"]
+    assert set(sent) == set(DEFAULT_MIX) and sum(sent.values()) >= 100, sent
+
+    def served() -> dict[tuple[str, str, str], float]:
+        after = http_rows(server.scrape())
+        return {row: n - before.get(row, 0) for row, n in after.items() if n != before.get(row, 0)}
+
+    ok, bad, not_found = ("POST", CHAT, "200"), ("POST", CHAT, "400"), ("POST", CHAT, "404")
+    unmatched = ("GET", UNMATCHED, "404")
+
+    def agrees(rows: dict) -> bool:
+        # Locust counts by kind; a client error was answered with the 400 or 404 its kind expected.
+        return (
+            set(rows) <= {ok, bad, not_found, unmatched}
+            and rows.get(ok, 0) == sent["plain"] + sent["stream"] + sent["tool"]
+            and rows.get(bad, 0) + rows.get(not_found, 0) == sent["client_error"]
+            and rows.get(unmatched, 0) == sent["unmatched"]
+        )
+
+    assert wait_until(lambda: agrees(served())), (served(), sent)
 
 
 @pytest.mark.integration

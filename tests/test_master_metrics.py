@@ -10,7 +10,9 @@ import threading
 import time
 
 import pytest
-from conftest import chat, free_port, request, scrape, value, wait_until
+
+from tests.support.client import chat, request, scrape, value
+from tests.support.servers import free_port, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from conftest import ROOT, clean_env
+from tests.support.servers import ROOT, clean_env
 
 
 def test_the_wheel_installs_one_top_level_package_promfork(tmp_path: Path):

@@ -12,11 +12,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import GUNICORN, ROOT, clean_env, free_port, request, value, wait_until
 
 from promfork.config import ConfigError, load_settings
 from promfork.directory.locks import MasterLease
 from promfork.directory.setup import MultiprocDirError, ensure_directory, wipe_stale_files
+from promfork.loadtest.gunicorn_process import GunicornProcess
+from tests.support.client import request, value
+from tests.support.servers import GUNICORN, ROOT, clean_env, free_port, gunicorn_fails_to_start
 
 
 @pytest.mark.parametrize(
@@ -105,13 +107,6 @@ def test_cold_start_wipes_only_when_no_other_master_holds_the_directory(tmp_path
     assert not (tmp_path / "counter_123.db").exists()
 
 
-def _gunicorn_fails(env: dict, conf: str = "gunicorn.conf.py") -> str:
-    argv = [GUNICORN, "-c", conf, "--bind", f"127.0.0.1:{free_port()}", "--workers", "2", "--no-control-socket"]
-    proc = subprocess.run(argv, cwd=ROOT, env=clean_env(**env), capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0, "gunicorn started despite the bad setting"
-    return proc.stdout + proc.stderr
-
-
 @pytest.mark.integration
 @pytest.mark.parametrize(
     ("env", "named"),
@@ -125,7 +120,7 @@ def _gunicorn_fails(env: dict, conf: str = "gunicorn.conf.py") -> str:
 )
 def test_gunicorn_refuses_to_start_with_bad_settings(env, named):
     before = _private_dirs()
-    output = _gunicorn_fails(env)
+    output = gunicorn_fails_to_start(env)
     assert named in output
     assert "Traceback" not in output
     assert _private_dirs() == before, "a failed start left its private metrics directory behind"
@@ -140,23 +135,23 @@ def test_private_directory_is_removed_when_the_master_exits(tmp_path: Path):
     before = _private_dirs()
     port = free_port()
     argv = [GUNICORN, "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}", "--workers", "2", "--no-control-socket"]
-    proc = subprocess.Popen(argv, cwd=ROOT, env=clean_env(RATE_LIMIT_RPM="60"), stderr=subprocess.PIPE)
-    assert wait_until(lambda: _answers(port), timeout=20)
-    created = _private_dirs() - before
-    assert len(created) == 1 and os.path.exists(os.path.join(created.pop(), "ratelimit.state"))
-    proc.terminate()
-    proc.wait(30)
+    server = GunicornProcess(
+        argv,  # no PROMETHEUS_MULTIPROC_DIR: gunicorn.conf.py makes a private directory
+        env=clean_env(RATE_LIMIT_RPM="60"),
+        cwd=ROOT,
+        log_path=tmp_path / "gunicorn.log",
+        ready_url=f"http://127.0.0.1:{port}/healthz",
+    )
+    try:
+        server.start(timeout=20)
+        created = _private_dirs() - before
+        assert len(created) == 1 and os.path.exists(os.path.join(created.pop(), "ratelimit.state"))
+    finally:
+        server.stop(timeout=30)
     assert _private_dirs() == before
     # With a private directory the variable is exported by gunicorn.conf.py itself: the fast
     # value store must still be in place before anything imports prometheus_client.
-    assert b"metric values stored by promfork.writer.values.MmapValue" in proc.stderr.read()
-
-
-def _answers(port: int) -> bool:
-    try:
-        return request("GET", port, "/healthz", timeout=1)[0] == 200
-    except OSError:
-        return False
+    assert "metric values stored by promfork.writer.values.MmapValue" in server.log()
 
 
 @pytest.mark.integration
@@ -167,7 +162,7 @@ def test_prometheus_client_imported_too_early_stops_the_server(tmp_path: Path):
         "import prometheus_client  # noqa\n"
         f"exec(compile(open({str(ROOT / 'gunicorn.conf.py')!r}).read(), 'gunicorn.conf.py', 'exec'))\n"
     )
-    output = _gunicorn_fails({}, str(conf))
+    output = gunicorn_fails_to_start({}, str(conf))
     assert "imported before PROMETHEUS_MULTIPROC_DIR was set" in output
 
 
@@ -230,10 +225,11 @@ def full_disk(tmp_path: Path):
         subprocess.run(["umount", str(mountpoint)], check=True)
 
 
+@pytest.mark.integration
 def test_full_disk_is_a_clear_start_up_error(full_disk: Path):
     with pytest.raises(MultiprocDirError, match="disk is full"):
         ensure_directory(str(full_disk))
-    output = _gunicorn_fails({"PROMETHEUS_MULTIPROC_DIR": str(full_disk)})
+    output = gunicorn_fails_to_start({"PROMETHEUS_MULTIPROC_DIR": str(full_disk)})
     assert "PROMETHEUS_MULTIPROC_DIR" in output and "disk is full" in output
     assert "Traceback" not in output
 
@@ -245,7 +241,7 @@ def test_metrics_port_in_use_is_a_clear_start_up_error():
         taken.listen()
         port = taken.getsockname()[1]
         before = _private_dirs()
-        output = _gunicorn_fails({"METRICS_PORT": str(port)})
+        output = gunicorn_fails_to_start({"METRICS_PORT": str(port)})
     assert "METRICS_PORT" in output and str(port) in output
     assert _private_dirs() == before
     assert "Traceback" not in output

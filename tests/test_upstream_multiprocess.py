@@ -2,8 +2,8 @@
 
 The upstream test file is not part of this project: it is downloaded once per
 session from the source distribution of the installed prometheus-client and
-run through tests/upstream_adapter.py, one test here per upstream case. The
-cases that cannot apply (upstream_adapter.NOT_APPLICABLE) are expected to fail,
+run through tests/support/upstream.py, one test here per upstream case. The
+cases that cannot apply (upstream.NOT_APPLICABLE) are expected to fail,
 strictly: one that starts passing fails the suite, so the list stays true.
 """
 
@@ -21,11 +21,11 @@ import traceback
 from pathlib import Path
 
 import pytest
-import upstream_adapter
 from prometheus_client import values as stock_values
-from upstream_adapter import NOT_APPLICABLE
 
 from promfork.writer import values
+from tests.support import upstream
+from tests.support.upstream import NOT_APPLICABLE
 
 UPSTREAM_FILE = "tests/test_multiprocess.py"
 
@@ -60,11 +60,11 @@ def fetch_upstream_tests(dest: Path) -> Path:
 
 @functools.cache
 def _upstream(config: pytest.Config) -> dict | str:
-    """The upstream cases by id (see upstream_adapter.upstream_cases), or why there are none; once per session."""
+    """The upstream cases by id (see upstream.upstream_cases), or why there are none; once per session."""
     dest = Path(tempfile.mkdtemp(prefix="promfork-upstream-"))
     config.add_cleanup(functools.partial(shutil.rmtree, dest, ignore_errors=True))
     try:
-        return upstream_adapter.upstream_cases(upstream_adapter.load_upstream(fetch_upstream_tests(dest)))
+        return upstream.upstream_cases(upstream.load_upstream(fetch_upstream_tests(dest)))
     except UpstreamUnavailable as exc:
         return str(exc)
     except Exception:  # a failing test, not a collection error that would stop every other test
@@ -102,7 +102,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def test_upstream_case(case_id: str | None, request: pytest.FixtureRequest) -> None:
     case = _cases(request.config)[case_id]
-    result = upstream_adapter.run_case(case)
+    result = upstream.run_case(case)
     if result.skipped:
         pytest.skip(f"skipped upstream: {result.skipped[0][1]}")
     if not result.wasSuccessful():
@@ -116,6 +116,6 @@ def test_every_case_listed_as_not_applicable_exists_upstream(request: pytest.Fix
 
 def test_upstream_cases_leave_value_class_process_and_environment_as_they_were(request: pytest.FixtureRequest) -> None:
     before = (stock_values.ValueClass, values._current.process, os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-    result = upstream_adapter.run_case(_cases(request.config)["TestMultiProcess.test_counter_across_forks"])
+    result = upstream.run_case(_cases(request.config)["TestMultiProcess.test_counter_across_forks"])
     assert result.wasSuccessful()
     assert (stock_values.ValueClass, values._current.process, os.environ.get("PROMETHEUS_MULTIPROC_DIR")) == before

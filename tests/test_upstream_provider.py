@@ -7,7 +7,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import chat, scrape, value, wait_until
+
+from tests.support.client import chat, scrape, value
+from tests.support.servers import wait_until
 
 pytestmark = pytest.mark.integration
 SERVED = "up-1-2025-01-31"  # the dated model the upstream says answered

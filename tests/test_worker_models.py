@@ -1,7 +1,7 @@
 """Worker models beyond sync and gthread: the gateway under gevent, and Gunicorn 27's dirty worker pools.
 
 Each is run for real, with --max-requests churn and a kill -9, and checked
-against what the client received (see tests/exactness.py for the in-doubt rule).
+against what the client received (see tests/support/exactness.py for the in-doubt rule).
 """
 
 from __future__ import annotations
@@ -21,23 +21,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import ExampleServer, assert_never_decreases, free_port, request, scrape, value, wait_until
-from exactness import (
+
+from tests.support.checks import assert_never_decreases
+from tests.support.churn import churn_and_kill
+from tests.support.client import request, scrape, value
+from tests.support.exactness import (
     CUT,
     Scraper,
     Tally,
     file_owners,
     http_rows,
     kill_9,
-    kill_a_worker,
     mismatches,
     scrape_when_compacted,
 )
-
+from tests.support.servers import ExampleServer, free_port, wait_until
 from webapp.providers.mock import MockProvider
 from webapp.schema import parse_chat_request
-
-pytestmark = pytest.mark.integration
 
 CHAT = "/v1/chat/completions"
 GATEWAY_ROWS = {
@@ -101,6 +101,7 @@ def send_gateway_request(port: int, i: int, tally: Tally) -> None:
     tally.answered((method, row[1], str(status)), prompt=usage["prompt_tokens"], completion=usage["completion_tokens"])
 
 
+@pytest.mark.integration
 def test_gateway_under_gevent_is_exact_under_churn_and_kill_9(gunicorn_factory):
     # Simulated provider latency keeps many requests in flight in each worker: gevent serves them concurrently.
     server = gunicorn_factory(
@@ -114,38 +115,22 @@ def test_gateway_under_gevent_is_exact_under_churn_and_kill_9(gunicorn_factory):
         workers=3,
     )
     assert "Using worker: gevent" in server.log()
-    tally = Tally()
-    halfway = threading.Semaphore(0)
-    total = 4000
-
-    def one(i: int) -> None:
-        send_gateway_request(server.port, i, tally)
-        if i == total // 2:
-            halfway.release()
-
-    before = scrape(server.port)
-    with Scraper(server.port) as scraper, ThreadPoolExecutor(max_workers=24) as pool:
-        results = [pool.submit(one, i) for i in range(total)]
-        halfway.acquire(timeout=120)
-        victim = kill_a_worker(server)
-        for result in results:
-            result.result()
-    assert not tally.problems, tally.problems[:5]
+    run = churn_and_kill(
+        server, lambda tally, i: send_gateway_request(server.port, i, tally), requests=4000, clients=24
+    )
+    tally = run.tally
     assert set(tally.received) == set(GATEWAY_ROWS.values()), tally.received
     assert sum(tally.in_doubt.values()) <= 24, f"more requests failed than a kill explains: {tally.in_doubt}"
-    assert not scraper.errors, scraper.errors[:5]
-    assert len(scraper.snapshots) >= 10
-    assert_never_decreases(scraper.snapshots)
     assert server.log().count("Booting worker") >= 3 + 1 + 3, "workers were not recycled during the load"
 
     after = scrape_when_compacted(server)
-    assert not list(server.multiproc_dir.glob(f"*_{victim}.db"))
+    assert not list(server.multiproc_dir.glob(f"*_{run.victim}.db"))
     usage = "gen_ai_client_token_usage_sum"
     tokens = {
-        kind: value(after, usage, gen_ai_token_type=otel) - value(before, usage, gen_ai_token_type=otel)
+        kind: value(after, usage, gen_ai_token_type=otel) - value(run.before, usage, gen_ai_token_type=otel)
         for kind, otel in (("prompt", "input"), ("completion", "output"))
     }
-    assert mismatches(tally, before, after, tokens) == []
+    assert mismatches(tally, run.before, after, tokens) == []
     routes = {route for _, route, _ in http_rows(after)}
     assert routes <= {row[1] for row in GATEWAY_ROWS.values()} | {"/healthz"}, routes
     assert value(after, "http_requests_in_flight") == 0
@@ -202,6 +187,7 @@ def dirty_worker_pids(server) -> list[int]:
     return [int(pid) for pid in path.read_text().split()] if path.exists() else []
 
 
+@pytest.mark.integration
 def test_dirty_worker_metrics_are_aggregated_and_a_killed_dirty_worker_is_compacted_promptly(tmp_path: Path):
     # On a fresh start Gunicorn kills the dirty arbiter named in /tmp/gunicorn-dirty-<proc_name>.pid: keep ours unique.
     name = f"dirty-pool-{os.getpid()}-{tmp_path.name}"
@@ -290,6 +276,7 @@ def open_sockets(pid: int) -> set[str]:
     return {link[len("socket:[") : -1] for link in links if link.startswith("socket:[")}
 
 
+@pytest.mark.integration
 def test_a_respawned_dirty_arbiter_drops_the_metrics_listener_and_folds_its_predecessor(tmp_path: Path):
     # A dirty arbiter forked after when_ready inherits the master's METRICS_PORT listener and compactor;
     # on_dirty_starting closes the one and replaces the other.

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, clean_env
+
+from tests.support.servers import ROOT, clean_env
 
 LOAD = str(Path(sys.executable).with_name("promfork-load"))
 

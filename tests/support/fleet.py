@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, free_port, request, terminate, wait_until
+
+from tests.support.client import request
+from tests.support.servers import ROOT, free_port, terminate, wait_until
 
 DEPLOY = ROOT / "deploy"
 PROM = DEPLOY / "prometheus"

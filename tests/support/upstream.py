@@ -161,7 +161,7 @@ def load_upstream(path: Path) -> ModuleType:
     spec.loader.exec_module(module)
     missing = [name for name in _REPLACED if name not in vars(module)]
     if missing:
-        raise RuntimeError(f"{path} no longer imports {', '.join(missing)}: update tests/upstream_adapter.py")
+        raise RuntimeError(f"{path} no longer imports {', '.join(missing)}: update tests/support/upstream.py")
     for name in _REPLACED:
         setattr(module, name, globals()[name])
     return module

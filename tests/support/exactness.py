@@ -18,11 +18,12 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
-from conftest import counter_samples, samples, scrape, wait_until
-
 from promfork.directory import filenames
+from tests.support.client import counter_samples, samples, scrape
+from tests.support.servers import wait_until
 
 Row = tuple[str, str, str]  # (method, route, status)
 CUT = (OSError, http.client.HTTPException)  # what a client sees when the worker serving it is killed
@@ -121,7 +122,7 @@ def kill_9(pid: int) -> None:
 
 
 def kill_a_worker(server, attempts: int = 5) -> int:
-    """kill -9 a live worker of `server` (a conftest Gunicorn); return its pid once the master reaped it as killed.
+    """kill -9 a live worker of `server` (a servers.Gunicorn); return its pid once the master reaped it as killed.
 
     Under --max-requests a worker may be on its way out already: it has left its
     exit note (``<pid>.exit``, promfork.gunicorn.worker_exit), so promfork rightly
@@ -150,40 +151,19 @@ def file_owners(directory: Path) -> set[str]:
     return {f.owner for f in map(filenames.parse_name, names) if f is not None}
 
 
-def scrape_when_compacted(server, timeout: float = 20) -> dict:
-    """The first scrape taken once only live processes (and archives) have metric files; fails otherwise."""
+def scrape_when_compacted(server, timeout: float = 20, until: Callable[[dict], bool] | None = None) -> dict:
+    """The first scrape taken once only live processes (and archives) have metric files, and `until(scrape)`
+    holds if given; fails otherwise."""
 
     def settled():
         fams = scrape(server.port)
         live = {str(server.proc.pid), *map(str, server.worker_pids())}
-        return fams if file_owners(server.multiproc_dir) <= live | {filenames.ARCHIVE} else None
+        compacted = file_owners(server.multiproc_dir) <= live | {filenames.ARCHIVE}
+        return fams if compacted and (until is None or until(fams)) else None
 
     after = wait_until(settled, timeout=timeout, interval=0.2)
-    assert after is not None, f"dead workers' files were not compacted: {sorted(file_owners(server.multiproc_dir))}"
+    assert after is not None, (
+        f"dead workers' files were not compacted{' or `until` never held' if until else ''}: "
+        f"{sorted(file_owners(server.multiproc_dir))}"
+    )
     return after
-
-
-def assert_config_assigns_every_hook(path: Path, settings: set[str]) -> None:
-    """A user's gunicorn.conf.py: at most 20 lines, every promfork hook assigned, and only `settings` besides."""
-    import ast
-
-    import gunicorn.config
-
-    import promfork.gunicorn
-
-    source = path.read_text()
-    assert len(source.splitlines()) <= 20
-    assigned = {
-        target.id: node.value
-        for node in ast.parse(source).body
-        if isinstance(node, ast.Assign)
-        for target in node.targets
-        if isinstance(target, ast.Name)
-    }
-    gunicorn_hooks = {setting.name for setting in gunicorn.config.KNOWN_SETTINGS}
-    promfork_hooks = {name for name in vars(promfork.gunicorn) if name in gunicorn_hooks}
-    assert promfork_hooks, "promfork.gunicorn defines no Gunicorn hooks?"
-    for name in sorted(promfork_hooks):
-        hook = assigned.get(name)
-        assert isinstance(hook, ast.Attribute) and hook.attr == name, f"{name} is not assigned hooks.{name}"
-    assert set(assigned) - promfork_hooks == settings, "only promfork's hooks and the app's settings"

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import yaml
-from conftest import free_port, request, terminate, wait_until
+
+from tests.support.client import request
+from tests.support.servers import free_port, terminate, wait_until
 
 CHAT = "/v1/chat/completions"
 
