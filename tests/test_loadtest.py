@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from promfork.loadtest.mix import CHAT, DEFAULT_MIX, UNMATCHED, RequestMix, parse_mix
+from promfork.loadtest.mix import CHAT, DEFAULT_MIX, UNMATCHED, CustomRequest, RequestMix, parse_mix, parse_request
 from promfork.loadtest.tally import Outcome, Tally
 from promfork.loadtest.verdict import AMOUNTS, compare
 from tests.support.exactness import http_rows
@@ -287,3 +287,55 @@ def test_gthread_workers_agree_under_churn_and_kills(tmp_path: Path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(report.read_text())
     assert data["agree"] is True and data["kills"] >= 2 and data["worker_class"] == "gthread"
+
+
+@pytest.mark.parametrize(
+    ("text", "wanted"),
+    [
+        ("GET:/hello", CustomRequest("GET", "/hello", "/hello", 1)),
+        ("GET:/items/{n}=/items/<item_id>*3", CustomRequest("GET", "/items/{n}", "/items/<item_id>", 3)),
+        ("post:/search?q=a", CustomRequest("POST", "/search?q=a", "/search", 1)),
+        ("GET:/x/{n}=unmatched", CustomRequest("GET", "/x/{n}", "unmatched", 1)),
+    ],
+)
+def test_a_request_of_your_own_is_method_path_route_and_weight(text, wanted):
+    assert parse_request(text) == wanted
+
+
+@pytest.mark.parametrize("text", ["/hello", "GET /hello", "GET:/items/{n}", "GET:/hello*0", "GET:hello"])
+def test_a_request_that_cannot_be_judged_is_a_usage_error(text):
+    with pytest.raises(ValueError, match=re.escape(text)):
+        parse_request(text)
+    proc = run_load("--request", text, "--requests", "1")
+    assert proc.returncode == 2 and "--request" in proc.stderr
+
+
+# Each example's routes, as its framework names them.
+EXAMPLE_ROUTES = {
+    "flask-app": "/items/<item_id>",
+    "fastapi-app": "/items/{item_id}",
+    "django-app": "/items/<int:item_id>",
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("example", sorted(EXAMPLE_ROUTES))
+def test_promfork_load_proves_your_own_app_exact_under_churn_and_kills(example: str, tmp_path: Path):
+    project = tmp_path / example
+    shutil.copytree(ROOT / "examples" / example, project)
+    report = tmp_path / "report.json"
+    requests = ["--request", "GET:/hello", "--request", f"GET:/items/{{n}}={EXAMPLE_ROUTES[example]}*2",
+                "--request", "GET:/no/such/{n}=unmatched"]  # fmt: skip
+    proc = subprocess.run(
+        [LOAD, "--no-progress", *requests, "--config", "gunicorn.conf.py", "--workers", "3",
+         "--max-requests", "40", "--kill-workers-every", "0.7", "--duration", "3", "--concurrency", "12",
+         "--json", str(report)],
+        cwd=project, env=clean_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(report.read_text())
+    assert data["agree"] is True and data["kills"] >= 2, data
+    rows = request_rows(data)
+    assert {route for route, _ in rows} == {"/hello", EXAMPLE_ROUTES[example], "unmatched"}
+    assert rows[(EXAMPLE_ROUTES[example], 200)]["client"] > rows[("/hello", 200)]["client"] > 0
+    assert not any("gen_ai" in check["what"] for check in data["checks"])

@@ -1,6 +1,7 @@
-"""promfork-load: drive a request mix at the gateway, then prove /metrics equals what was served.
+"""promfork-load: drive a request mix at the gateway or your own app, then prove /metrics equals what was served.
 
     promfork-load --workers 4 --max-requests 200 --requests 5000 --concurrency 64
+    promfork-load --config gunicorn.conf.py --request GET:/hello --request 'GET:/items/{n}=/items/<item_id>*3'
     promfork-load --worker-class gthread --gunicorn-args="--threads 4" --kill-workers-every 2 --duration 30
     promfork-load --url http://127.0.0.1:8000 --duration 30 --json report.json
 
@@ -25,7 +26,7 @@ import shlex
 import sys
 
 from promfork.loadtest.driver import Disruption, Load, run
-from promfork.loadtest.mix import DEFAULT_MIX, RequestMix, parse_mix
+from promfork.loadtest.mix import DEFAULT_MIX, CustomMix, RequestMix, parse_mix, parse_request
 from promfork.loadtest.report import Target, json_report, print_report, write_json
 from promfork.loadtest.scrape import scrape
 from promfork.loadtest.server import GunicornServer, ServerError, check_gunicorn_args
@@ -60,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--duration", type=float, help="run for this many seconds instead of a count")
     load.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32)")
     load.add_argument("--mix", default=",".join(f"{k}={v}" for k, v in DEFAULT_MIX.items()), help="request mix weights")
+    load.add_argument(
+        "--request",
+        action="append",
+        metavar="METHOD:PATH[=ROUTE][*WEIGHT]",
+        help="drive your own app instead of the gateway: e.g. --request GET:/hello "
+        "--request 'GET:/items/{n}=/items/<item_id>*3' ({n}: a number per request; ROUTE: its route label)",
+    )
     load.add_argument("--seed", type=int, default=1, help="seed of the request mix")
     out = parser.add_argument_group("output")
     out.add_argument("--json", metavar="FILE", help="write the full report as JSON")
@@ -72,9 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        mix = CustomMix([parse_request(r) for r in args.request], args.seed) if args.request else None
         weights = parse_mix(args.mix)
     except ValueError as exc:
-        parser.error(f"--mix: {exc}")
+        parser.error(f"--request: {exc}" if args.request else f"--mix: {exc}")
+    gateway = mix is None
     if args.concurrency < 1 or (args.requests is not None and args.requests < 1):
         parser.error("--concurrency and --requests must be positive")
     if args.url and (args.kill_workers_every is not None or args.hup_every is not None):
@@ -92,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print("promfork-load needs aiohttp: pip install 'promfork[load]'", file=sys.stderr)
         return 2
     total = args.requests if args.requests is not None else (None if args.duration else 2000)
-    load = Load(RequestMix(weights, args.seed), args.concurrency, total, args.duration)
+    load = Load(mix or RequestMix(weights, args.seed), args.concurrency, total, args.duration)
 
     server = None
     agreed = False
@@ -118,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             before = scrape(metrics_url, args.token)
             elapsed = run(target.url, load, tally, disruption, metrics_url=metrics_url, token=args.token,
                           progress=progress)  # fmt: skip
-            _, rows = settle(metrics_url, args.token, tally, before)
+            _, rows = settle(metrics_url, args.token, tally, before, gateway=gateway)
         except OSError as exc:
             print(f"promfork-load: cannot reach {metrics_url}: {exc}", file=sys.stderr)
             return 2

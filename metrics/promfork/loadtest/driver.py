@@ -60,7 +60,7 @@ async def send(session, base: str, spec: RequestSpec) -> Outcome:
 
 def read_usage(outcome: Outcome, spec: RequestSpec, raw: bytes) -> None:
     """Mark `outcome` complete when `raw` is a whole answer, with the usage it reports."""
-    if outcome.status != 200:
+    if outcome.status != 200 or not spec.usage:
         outcome.complete = True
         return
     try:

@@ -1,4 +1,9 @@
-"""The request mix, shared by promfork-load and the Locust file: what to send and what it proves."""
+"""The request mix, shared by promfork-load and the Locust file: what to send and what it proves.
+
+Two mixes: the gateway's (``RequestMix``: chat completions, streams, tool calls,
+client errors, unknown paths) and one of the user's own requests for any app
+(``CustomMix``, from ``--request METHOD:PATH[=ROUTE][*WEIGHT]``).
+"""
 
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ class RequestSpec:
     route: str = CHAT
     status: int = 200
     model: str | None = None
+    usage: bool = True  # a gateway answer carrying OpenAI usage; False: any whole response will do
 
 
 def parse_mix(text: str) -> dict[str, int]:
@@ -95,3 +101,62 @@ def build(kind: str, rng: random.Random) -> RequestSpec:
 
 def _json(body: dict) -> bytes:
     return json.dumps(body).encode()
+
+
+_NUMBER = "{n}"  # in a custom path: a fresh number per request
+
+
+@dataclass(frozen=True)
+class CustomRequest:
+    """One of the user's requests: method, path (``{n}`` becomes a number), its route label, its weight."""
+
+    method: str
+    path: str
+    route: str
+    weight: int = 1
+
+
+def parse_request(text: str) -> CustomRequest:
+    """Parse ``METHOD:PATH[=ROUTE][*WEIGHT]``, e.g. ``GET:/items/{n}=/items/<item_id>*3``.
+
+    ROUTE is the route label the app's metrics give the request (its route
+    template); it may be left out for a path without ``{n}``, which is then its
+    own template. Raises ValueError saying what is wrong.
+    """
+    spec, weight = text, 1
+    if "*" in text:
+        spec, _, raw = text.rpartition("*")
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"{text!r}: the weight after '*' must be a positive whole number")
+        weight = int(raw)
+    method, colon, rest = spec.partition(":")
+    if not colon or not method.isalpha() or not rest.startswith("/"):
+        raise ValueError(f"{text!r}: write METHOD:PATH[=ROUTE][*WEIGHT], e.g. GET:/items/{{n}}=/items/<item_id>")
+    path, route = rest, ""
+    if "=" in rest:
+        head, _, tail = rest.rpartition("=")
+        if tail.startswith("/") or tail == UNMATCHED:
+            path, route = head, tail
+    if not route:
+        if _NUMBER in path:
+            raise ValueError(f"{text!r}: name the route template its metrics use: {method}:{path}=/the/template")
+        route = path.partition("?")[0]
+    return CustomRequest(method.upper(), path, route, weight)
+
+
+class CustomMix:
+    """Deterministic stream of the user's requests drawn by weight (same seed, same requests)."""
+
+    def __init__(self, requests: list[CustomRequest], seed: int = 1) -> None:
+        if not requests:
+            raise ValueError("give at least one --request")
+        self.requests = requests
+        self.weights = {f"{r.method} {r.path}": r.weight for r in requests}
+        self._rng = random.Random(seed)  # noqa: S311 (reproducible load, not secrets)
+
+    def next(self) -> RequestSpec:
+        """The next request to send."""
+        request = self._rng.choices(self.requests, weights=[r.weight for r in self.requests])[0]
+        path = request.path.replace(_NUMBER, str(self._rng.randrange(1, 10**6)))
+        return RequestSpec(f"{request.method} {request.route}", request.method, path, None, route=request.route,
+                           usage=False)  # fmt: skip

@@ -8,7 +8,7 @@ so the order of precedence is: --gunicorn-args, then the tool's own flags
 (--bind, --workers, --max-requests, --worker-class), then GUNICORN_CMD_ARGS,
 then the config. The server log and metrics files live in a temporary
 directory that is removed only when the caller says the run succeeded.
-Starting, waiting for /healthz and stopping are GunicornProcess's
+Starting, waiting for the master's /metrics and every worker, and stopping are GunicornProcess's
 (promfork.loadtest.gunicorn_process).
 """
 
@@ -21,7 +21,7 @@ import signal
 import tempfile
 from collections.abc import Sequence
 
-from promfork.loadtest.gunicorn_process import GUNICORN, GunicornError, GunicornProcess, free_port
+from promfork.loadtest.gunicorn_process import GUNICORN, GunicornError, GunicornProcess, booted_workers, free_port
 
 _WORKER_LINE = re.compile(rb"Using worker: (\S+)")  # logged by gunicorn's arbiter at start (level info)
 
@@ -73,10 +73,19 @@ class GunicornServer:
         argv += list(gunicorn_args)
         self.requested_worker_class = worker_class
         self.log_path = os.path.join(self.tmp, "gunicorn.log")
-        self.process = GunicornProcess(argv, env=environ, ready_url=f"{self.base_url}/healthz", log_path=self.log_path)
+        # Ready when the master's listener answers and every worker has booted: no request goes to
+        # the app before the run (a probe a slow worker answered late would be counted in the run).
+        directory = environ["PROMETHEUS_MULTIPROC_DIR"]
+        self.process = GunicornProcess(
+            argv,
+            env=environ,
+            ready_url=self.metrics_url,
+            ready=lambda: booted_workers(directory) >= workers,
+            log_path=self.log_path,
+        )
 
     def start(self, timeout: float = 30.0) -> GunicornServer:
-        """Start gunicorn and wait until /healthz answers; ServerError (log kept) if it does not."""
+        """Start gunicorn and wait until it is ready; ServerError (log kept) if it is not."""
         try:
             self.process.start(timeout)
         except GunicornError as exc:

@@ -94,11 +94,17 @@ def possible_statuses(outcome: Outcome, answered: dict[tuple[str, int], set[int]
 
 
 def compare(
-    tally: Tally, before: Samples, after: Samples, prices: dict[str, dict[str, float]] | None = None
+    tally: Tally,
+    before: Samples,
+    after: Samples,
+    prices: dict[str, dict[str, float]] | None = None,
+    gateway: bool = True,
 ) -> list[Row]:
     """Client truth vs the change in /metrics, row by row (see the module docstring for the rule).
 
-    `prices` (USD per 1M tokens per model) defaults to ``configured_prices()``.
+    `prices` (USD per 1M tokens per model) defaults to ``configured_prices()``. With
+    `gateway` False (the user's own requests against any app) only the HTTP rows, the
+    counters and the in-flight gauge are checked.
     """
     prices = configured_prices() if prices is None else prices
     doubt = in_doubt(tally)
@@ -122,8 +128,9 @@ def compare(
         for status in possible_statuses(o, answered):
             doubt_rows[(o.method, o.route, status)] += 1
 
-    routes = list(dict.fromkeys([(m, r) for m, r, _ in ALWAYS_CHECKED] + [(o.method, o.route) for o in tally.outcomes]))
-    checked = set(ALWAYS_CHECKED) | set(sure_rows)
+    always = ALWAYS_CHECKED if gateway else ()
+    routes = list(dict.fromkeys([(m, r) for m, r, _ in always] + [(o.method, o.route) for o in tally.outcomes]))
+    checked = set(always) | set(sure_rows)
     for method, route in routes:
         for status in label_values(after, "http_requests_total", "status", method=method, route=route):
             if status.isdigit() and delta("http_requests_total", method=method, route=route, status=status):
@@ -136,6 +143,13 @@ def compare(
             measured = delta("http_requests_total", method=method, route=route, status=str(status))
             add(f"http_requests_total{{{labels},status={status}}}", sure_rows[(method, route, status)], measured,
                 could, could)  # fmt: skip
+
+    if not gateway:
+        rows.append(Row(f"counters never decreased ({tally.scrapes} scrapes during the run)", 0,
+                        len(tally.went_backwards), 0, not tally.went_backwards))  # fmt: skip
+        in_flight = metric_sum(after, "http_requests_in_flight")
+        rows.append(Row("http_requests_in_flight after the run", 0, in_flight, 0, in_flight == 0))
+        return rows
 
     def cost(o: Outcome) -> float:
         return request_cost(prices, o.model, o.prompt_tokens, o.cached_tokens, o.completion_tokens)
@@ -162,14 +176,14 @@ def compare(
 
 
 def settle(
-    url: str, token: str | None, tally: Tally, before: Samples, timeout: float = 15.0
+    url: str, token: str | None, tally: Tally, before: Samples, timeout: float = 15.0, gateway: bool = True
 ) -> tuple[Samples, list[Row]]:
     """Scrape until the numbers agree or stop changing (workers finish, compaction runs)."""
     deadline = time.monotonic() + timeout
     last = None
     while True:
         after = scrape(url, token)
-        rows = compare(tally, before, after)
+        rows = compare(tally, before, after, gateway=gateway)
         if (
             all(r.ok for r in rows)
             or time.monotonic() >= deadline
