@@ -16,3 +16,10 @@ Public modules: ``gunicorn`` (the server hooks), ``flask`` (``HttpMetrics``),
 * ``http/`` -- the request path the framework adapters share;
 * ``client``, ``forks``, ``config``, ``trace`` -- used by all of the above.
 """
+
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("promfork")
+except _metadata.PackageNotFoundError:  # run from a checkout that was never installed
+    __version__ = "0+unknown"

@@ -14,6 +14,8 @@ that runs them in this order, whatever order the modules were imported in:
 3. ``EXEMPLAR_STORE`` (promfork.writer.exemplars): the same for exemplars.
 4. ``SCRAPE_READER`` (promfork.reader.collector): a fresh lock for the
    long-lived reader (the parent's may be held by one of its threads).
+5. ``OTEL_OBSERVERS`` (promfork.otel.provider): the thread that runs
+   OpenTelemetry observable callbacks, started again for the child.
 
 Around the fork itself, ``fork_guard`` is taken: prometheus-client (and
 promfork's value store) guard a process's files with a plain lock, and a
@@ -34,7 +36,8 @@ LOCK_DESCRIPTORS = "lock descriptors"
 VALUE_STORE = "value store"
 EXEMPLAR_STORE = "exemplar store"
 SCRAPE_READER = "scrape reader"
-ORDER = (LOCK_DESCRIPTORS, VALUE_STORE, EXEMPLAR_STORE, SCRAPE_READER)
+OTEL_OBSERVERS = "otel observers"
+ORDER = (LOCK_DESCRIPTORS, VALUE_STORE, EXEMPLAR_STORE, SCRAPE_READER, OTEL_OBSERVERS)
 
 fork_guard = threading.Lock()
 _in_child: dict[str, Callable[[], None]] = {}

@@ -63,13 +63,13 @@ def parse_traceparent(value: str) -> TraceContext | None:
     return TraceContext(trace_id, span_id)
 
 
-def opentelemetry_trace() -> TraceContext | None:
-    """OpenTelemetry's current span, if OpenTelemetry is in use here and that span is valid and sampled."""
+def opentelemetry_trace(context: object | None = None) -> TraceContext | None:
+    """OpenTelemetry's current span (or `context`'s), if OpenTelemetry is in use and the span is valid and sampled."""
     otel = sys.modules.get("opentelemetry.trace")
     if otel is None:
         return None
     try:
-        context = otel.get_current_span().get_span_context()
+        context = otel.get_current_span(context).get_span_context()
         if not context.is_valid or not context.trace_flags.sampled:
             return None
         return TraceContext(format(context.trace_id, "032x"), format(context.span_id, "016x"))
