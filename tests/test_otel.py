@@ -1,4 +1,4 @@
-"""promfork.otel: the OpenTelemetry metrics API stored in promfork's files, named as OpenTelemetry's own exporter names it."""
+"""promfork.otel: the OpenTelemetry metrics API in promfork's files, named as OpenTelemetry's own exporter names it."""
 
 from __future__ import annotations
 
