@@ -43,12 +43,13 @@ bench: $(STAMP)
 	@if ! { command -v wrk && command -v valgrind; } >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk valgrind >/dev/null; \
 	fi
-	$(PY) -m pip install --quiet prometheus-flask-exporter
+	$(PY) -m pip install --quiet prometheus-flask-exporter opentelemetry-sdk-extension-prometheus-multiprocess
 	$(PY) bench/scrape_cost.py
 	$(PY) bench/master_port.py
 	$(PY) bench/instructions.py
 	$(PY) bench/overhead.py
 	$(PY) bench/series_count.py
+	$(PY) bench/otel.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -76,7 +76,15 @@ def test_only_forks_registers_at_fork_handlers():
 
 
 # prometheus-client attributes and modules that are not its public API.
-_PRIVATE = {"ValueClass", "_collector_to_names", "_upper_bounds", "_labelnames", "_multiprocess_mode", "_buckets"}
+_PRIVATE = {
+    "ValueClass",
+    "_collector_to_names",
+    "_upper_bounds",
+    "_labelnames",
+    "_labelvalues",
+    "_multiprocess_mode",
+    "_buckets",
+}
 _PRIVATE_MODULES = {"prometheus_client.values", "prometheus_client.mmap_dict"}
 
 

@@ -9,6 +9,7 @@ how a sample's key is written. All of it is here, nowhere else:
 * ``value_class`` / ``use_value_class`` / ``in_multiprocess_mode``: the swap;
 * ``values_of(child)``: a counter's, gauge's or histogram's value objects;
 * ``histogram_identity(histogram)``: its name, label names and upper bounds;
+* ``label_values(child)``: the label values a labelled child was made for;
 * ``collectors(registry)``: the registry's collectors in registration order;
 * ``sample_key``: the key format of the files (``mmap_key``).
 
@@ -117,6 +118,11 @@ def values_of(child) -> tuple[object, tuple[float, ...] | None, tuple[object, ..
 def histogram_identity(histogram) -> tuple[str, tuple[str, ...], tuple[float, ...]]:
     """A histogram's name (without suffix), label names and upper bounds (``+Inf`` last)."""
     return histogram._name, tuple(histogram._labelnames), tuple(histogram._upper_bounds)
+
+
+def label_values(child) -> tuple[str, ...]:
+    """The label values a labelled child was made for (empty for a metric without labels)."""
+    return tuple(getattr(child, "_labelvalues", ()))
 
 
 def collectors(registry) -> list:

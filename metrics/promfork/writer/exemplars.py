@@ -280,7 +280,7 @@ def record_trace(histogram: Histogram, labelvalues: Sequence[str], value: float,
     and leaves nothing. Never raises.
     """
     try:
-        labelvalues = labelvalues or histogram._labelvalues  # a child knows its own
+        labelvalues = labelvalues or client.label_values(histogram)  # a child knows its own
         bounds, keys = _buckets_of(histogram, tuple(str(v) for v in labelvalues))
         index = bisect_left(bounds, value)
         if index == len(bounds) or not value <= bounds[index]:  # NaN
