@@ -24,7 +24,10 @@ another: what is compared is the server's CPU time per request, and the added
 time per request follows from the throughput. Worker memory (RSS, summed over
 the two workers) is read from /proc after the run.
 
-    python bench/overhead.py [--rounds 30] [--seconds 1] [--connections 16] [--before REF]
+    python bench/overhead.py [--rounds 30] [--seconds 1] [--connections 16] [--before REF] [--unpinned]
+
+``--unpinned --rounds 5 --seconds 6`` is the run a new user would make: no pinning, 6 s
+slices, medians of 5.
 """
 
 from __future__ import annotations
@@ -161,7 +164,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=1)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--before", metavar="REF", help="also measure gunicorn.conf.py of this git revision")
+    parser.add_argument(
+        "--unpinned", action="store_true", help="no taskset: servers and wrk share the CPUs, as a plain run would"
+    )
     args = parser.parse_args()
+    if args.unpinned:
+        SERVER_CPU.clear()
+        LOAD_CPU.clear()
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk")
     worktree = add_worktree(args.before) if args.before else None

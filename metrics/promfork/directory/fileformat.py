@@ -53,7 +53,6 @@ against the installed prometheus-client.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import mmap
 import os
@@ -202,21 +201,7 @@ def _encode_entry(key: str, value: float, timestamp: float) -> bytes:
 
 def write_entries(path: str, entries: Entries) -> None:
     """Write `entries` to a new file at `path` and fsync it; OSError (ENOSPC...) leaves no file behind."""
-    data = encode_entries(entries)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    fd = ownership.create(path, os.O_WRONLY | os.O_EXCL)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        raise
-    os.close(fd)
+    ownership.write_new(path, encode_entries(entries))
 
 
 class ValueFile(MappedFile):

@@ -13,6 +13,7 @@ Files stay 0600 (directories 0700): metric values are nobody else's business.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 
@@ -31,6 +32,24 @@ def create(path: str, flags: int) -> int:
             os.close(fd)
             raise
     return fd
+
+
+def write_new(path: str, data: bytes) -> None:
+    """Write `data` to a new file at `path` (replacing any) and fsync it; OSError (ENOSPC...) leaves no file."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = create(path, os.O_WRONLY | os.O_EXCL)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
 
 
 def make_directory(path: str) -> None:

@@ -447,20 +447,7 @@ def encode_file(records: _Records) -> bytes:
 def _write_archive(directory: str, records: _Records) -> None:
     final = os.path.join(directory, filenames.EXEMPLAR_ARCHIVE)
     new = filenames.scratch_name(final)  # compaction's recovery deletes a stray one
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(new)
-    fd = ownership.create(new, os.O_WRONLY | os.O_EXCL)
-    try:
-        view = memoryview(encode_file(records))
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(new)
-        raise
-    os.close(fd)
+    ownership.write_new(new, encode_file(records))
     os.rename(new, final)
 
 
