@@ -144,8 +144,9 @@ def add_worktree(ref: str) -> str:
 def report(servers: list[Server]) -> None:
     off = next(s for s in servers if s.name == "metrics-off")
     off_rate = statistics.median(off.rates)
-    cpus = 1 if PINNED else 2
-    print(f"\nserver pinned to one CPU, wrk to another: {PINNED}; {len(servers[0].rates)} rounds")
+    pinned = bool(SERVER_CPU)
+    cpus = 1 if pinned else 2
+    print(f"\nserver pinned to one CPU, wrk to another: {pinned}; {len(servers[0].rates)} rounds")
     print(f"{'configuration':<20} {'req/s':>7} {'vs metrics-off':>15} {'(middle half)':>14} "
           f"{'added us/req':>13} {'workers RSS MiB':>16}")  # fmt: skip
     for server in servers:
