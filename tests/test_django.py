@@ -127,3 +127,69 @@ def test_djangos_asgi_application_labels_routes_the_same_way(wheel_env, tmp_path
         count = value(after, "http_requests_total", route=route, status=status)
         assert count - value(before, "http_requests_total", route=route, status=status) == 30, route
     assert value(after, "example_items_viewed_total") - value(before, "example_items_viewed_total") == 30
+
+
+STREAMING = """
+import json, os, sys
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
+from promfork.writer import values
+assert values.install()
+import django
+from django.conf import settings
+from django.http import StreamingHttpResponse
+from django.urls import path
+
+def chunks(request, early):
+    yield b"one "
+    yield b"two "
+    done = request.META.get("promfork.response_complete")
+    if early and done is not None:
+        done()  # counted here: right before the final chunk
+    yield b"end"
+
+def stream(request, n):
+    return StreamingHttpResponse(chunks(request, early=False))
+
+def stream_early(request):
+    return StreamingHttpResponse(chunks(request, early=True))
+
+settings.configure(ROOT_URLCONF=sys.modules[__name__], ALLOWED_HOSTS=["*"], DEBUG=False,
+                   MIDDLEWARE=["promfork.django.PrometheusMiddleware"])
+urlpatterns = [path("stream/<int:n>", stream), path("early", stream_early)]
+django.setup()
+from django.core.handlers.wsgi import WSGIHandler
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
+
+def counted(route):
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=sys.argv[1])
+    labels = {"method": "GET", "route": route, "status": "200"}
+    return registry.get_sample_value("http_requests_total", labels) or 0, registry.get_sample_value(
+        "http_response_size_bytes_sum", {"method": "GET", "route": route}) or 0
+
+app = WSGIHandler()
+seen = {}
+for route, url in [("/stream/<int:n>", "/stream/7"), ("/early", "/early")]:
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": url, "SERVER_NAME": "x", "SERVER_PORT": "80",
+               "wsgi.input": __import__("io").BytesIO(), "wsgi.url_scheme": "http", "SERVER_PROTOCOL": "HTTP/1.1"}
+    body = app(environ, lambda status, headers, exc_info=None: None)
+    steps = [counted(route)]
+    for _ in body:
+        steps.append(counted(route))
+    steps.append(counted(route))
+    body.close()
+    steps.append(counted(route))
+    seen[route] = steps
+print(json.dumps(seen))
+"""
+
+
+def test_a_streaming_response_is_counted_at_its_last_byte_or_at_response_complete(tmp_path: Path):
+    done = subprocess.run([sys.executable, "-c", STREAMING, str(tmp_path)], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout)
+    # (count, response bytes) before the body, after each chunk the server took, once exhausted, after close()
+    assert seen["/stream/<int:n>"] == [[0, 0], [0, 0], [0, 0], [0, 0], [1, 11], [1, 11]]
+    assert seen["/early"] == [[0, 0], [0, 0], [0, 0], [1, 8], [1, 8], [1, 8]]
