@@ -190,8 +190,12 @@ class _Observer:
     def _ensure_thread(self) -> None:
         if self._pid == os.getpid() or not self.instruments:
             return
+        try:
+            threading.Thread(target=self._run, args=(os.getpid(),), name="promfork-otel-observer", daemon=True).start()
+        except RuntimeError as exc:  # no threads left (a pids limit): observe again when the next one is added
+            log.error("promfork.otel: cannot start the thread for observable callbacks: %s", exc)
+            return
         self._pid = os.getpid()
-        threading.Thread(target=self._run, args=(self._pid,), name="promfork-otel-observer", daemon=True).start()
 
     def _run(self, pid: int) -> None:
         while os.getpid() == pid:
